@@ -90,18 +90,37 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
 
 
 def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, array view into a read-only memory map), one tensor at a time."""
+  """Yields (name, read-only array view into a memory map), one tensor at a time.
+
+  A view is valid only until the next tensor is requested: its pages are then released
+  (``MADV_DONTNEED``), so reading a checkpoint never keeps the whole file resident.
+  """
   header, data_start = read_safetensors_header(path)
   with open(path, "rb") as f:
     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-  for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-    if info["dtype"] not in _DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not one of "
-                       f"{sorted(_DTYPES)}")
-    begin, end = info["data_offsets"]
-    array = np.frombuffer(mapped, dtype=_DTYPES[info["dtype"]], count=(end - begin) //
-                          _DTYPES[info["dtype"]].itemsize, offset=data_start + begin)
-    yield name, array.reshape(info["shape"])
+  page = mmap.PAGESIZE
+  try:
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+      if info["dtype"] not in _DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not one of "
+                         f"{sorted(_DTYPES)}")
+      dtype = _DTYPES[info["dtype"]]
+      begin, end = (data_start + o for o in info["data_offsets"])
+      if end > len(mapped) or (end - begin) != int(np.prod(info["shape"])) * dtype.itemsize:
+        raise ValueError(f"{path}: tensor {name!r} has a byte range that does not match its "
+                         f"shape {info['shape']} and dtype {info['dtype']} (truncated file?)")
+      array = np.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                            offset=begin).reshape(info["shape"])
+      yield name, array
+      del array
+      if hasattr(mmap, "MADV_DONTNEED"):
+        aligned = begin - begin % page
+        mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+  finally:
+    try:
+      mapped.close()
+    except BufferError:  # a caller still holds a view; the map is freed with it
+      pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +162,7 @@ def write_safetensors(path: str, entries: Sequence[TensorEntry],
       if array.shape != entry.shape:
         raise ValueError(f"tensor {entry.name!r}: fetched shape {array.shape} differs from "
                          f"the declared {entry.shape}")
-      f.write(array.data)
+      f.write(array.view(np.uint8).data)  # bytes view: ml_dtypes refuse the buffer protocol
       del array
   os.replace(tmp, path)
 
@@ -219,13 +238,14 @@ def load_model(name_or_path: str, *, dtype: str = "float32") -> Transformer:
         raise ValueError(f"{file}: tensor {name!r} does not belong to this model "
                          f"(layers={config.num_hidden_layers}, "
                          f"tie_word_embeddings={config.tie_word_embeddings})")
-      want = expected[path].value
+      want = expected[path].get_value()
       shape = tuple(reversed(array.shape)) if transpose else tuple(array.shape)
       if shape != tuple(want.shape):
         raise ValueError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}; expected "
                          f"{tuple(reversed(want.shape)) if transpose else tuple(want.shape)}")
-      host = array.T if transpose else array
-      loaded[path] = jax.device_put(np.ascontiguousarray(host, dtype=target_dtype))
+      # An owned copy: the memory-mapped view is released once the next tensor is read.
+      host = np.array(array.T if transpose else array, dtype=target_dtype, order="C")
+      loaded[path] = jax.device_put(host)
       del host, array
   missing = [path_to_hf(p)[0] for p in expected if p not in loaded]
   if missing:
@@ -240,7 +260,7 @@ def model_tensors(model: Transformer) -> list[TensorEntry]:
   entries = []
   for path, leaf in nnx.to_flat_state(nnx.split(model)[1]):
     name, transpose = path_to_hf(tuple(path))
-    value = leaf.value
+    value = leaf.get_value()
     shape = tuple(reversed(value.shape)) if transpose else tuple(value.shape)
     fetch = lambda v=value, t=transpose: np.asarray(v.T if t else v)
     entries.append(TensorEntry(name, shape, np.dtype(value.dtype), fetch))

