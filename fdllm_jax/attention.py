@@ -7,26 +7,64 @@ key ``s`` is visible when ``mask(q_index, s)`` holds and ``s < kv_lengths[b]``.
 ``implementation="xla"`` is the reference every other path is tested against: scores and
 softmax in float32, probabilities cast to the value dtype before the second matmul (as the
 Hugging Face eager path does).
+
+The other implementations and what they cover (``route(...)`` says which path a call takes):
+
+* ``"pallas"``: the fused kernels of ``pallas_kernels``.
+  - ``block_attention`` for ``Causal``, ``BlockCausal`` and ``Training`` masks without a cache:
+    ``q_offset_B`` None (or a concrete all-zero array) and ``kv_lengths_B`` None; ``Training``
+    also needs T == S == 2 * seq_len. Differentiable (Pallas backward kernels).
+  - ``window_attention`` for the decode step: ``Full()`` mask, at most 64 queries, with
+    ``kv_lengths_B`` (or without: every key visible); ``q_offset_B`` is irrelevant to ``Full``.
+    Forward only (decoding).
+* ``"triton"``: the decode step through the hand-written Triton kernel (``jax_triton``, GPU
+  only, imported on first use); the block masks go to the Pallas ``block_attention``, which
+  itself lowers to Triton on GPU.
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``: ``is_causal`` for a
+  plain causal mask, ``key_value_seq_lengths`` for ``Full`` with lengths, a boolean [T, S] mask
+  otherwise. On a backend without cuDNN (CPU) the same call runs with jax's ``"xla"``
+  implementation, so the argument mapping stays testable. cuDNN takes only 16-bit inputs:
+  float32 inputs use the xla reference.
+* ``"splash"`` (TPU; the default there): ``fdllm_jax.splash``: splash attention without a cache,
+  the Pallas TPU window kernel (``pallas_kernels.tpu_window``) with one; interpreted off TPU.
+
+Every combination a kernel does not cover (e.g. a block-causal window against a cache with a
+traced ``q_offset_B``, ``Explicit`` masks) runs the xla reference instead, with a one-time
+``UserWarning`` naming the combination: nothing is computed differently, only slower.
+
+Interpret mode: Pallas kernels cannot be compiled for the CPU; ``interpret=None`` (the
+default) runs them in Pallas' interpreter whenever the default backend is not a GPU, which
+is how the tests check them on CPU. Pass ``interpret=True/False`` to force either.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fdllm_jax import masks as masks_lib
 
-Implementation = Literal["xla", "pallas", "triton", "cudnn"]
-IMPLEMENTATIONS = ("xla", "pallas", "triton", "cudnn")
+Implementation = Literal["xla", "pallas", "triton", "cudnn", "splash"]
+IMPLEMENTATIONS = ("xla", "pallas", "triton", "cudnn", "splash")
 
 # Finite, so a query with no visible key yields a uniform average instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def default_implementation() -> str:
-  """The implementation used when none is named: the reference until a kernel is faster."""
+  """The implementation used when none is named: the reference until a kernel is faster.
+
+  CPU: "xla" (kernels only run interpreted there). GPU: still "xla" until
+  ``benchmarks/gpu_attention.py`` has measured the kernels against it on the target card.
+  TPU: "splash" (``fdllm_jax.splash``: splash attention, the TPU window kernel for caches).
+  """
+  if jax.default_backend() == "tpu":
+    return "splash"
   return "xla"
 
 
@@ -66,7 +104,8 @@ def xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None,
 
 
 def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_offset_B=None,
-              kv_lengths_B=None, sm_scale=None, implementation: str | None = None):
+              kv_lengths_B=None, sm_scale=None, implementation: str | None = None,
+              interpret: bool | None = None):
   """Grouped-query attention; see the module docstring for the index conventions.
 
   Args:
@@ -76,18 +115,149 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
     q_offset_B: int32[B], index of each row's first query in the key sequence (default 0).
     kv_lengths_B: int32[B], number of valid keys per row (default all S).
     sm_scale: softmax scale (default 1/sqrt(D)).
-    implementation: "xla" (reference), "pallas", "triton" or "cudnn"; None picks the default
-      for the backend.
+    implementation: "xla" (reference), "pallas", "triton", "cudnn" or "splash" (TPU); None
+      picks the default for the backend. Combinations without a kernel run the xla reference
+      (module docstring).
+    interpret: Pallas interpreter on/off; None: on when the default backend is not a GPU
+      (for "splash": not a TPU).
   """
   _check_shapes(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
   implementation = implementation or default_implementation()
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"attention implementation {implementation!r} is unknown; use one of {IMPLEMENTATIONS}")
-  if implementation == "xla":
+  if implementation == "splash":  # TPU path; interpret=None: interpreted unless on a TPU
+    from fdllm_jax import splash
+    return splash.attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, q_offset_B=q_offset_B,
+                            kv_lengths_B=kv_lengths_B, sm_scale=sm_scale, interpret=interpret)
+  chosen = route(implementation, mask, q_BxTxHxD, k_BxSxKxD, q_offset_B=q_offset_B,
+                 kv_lengths_B=kv_lengths_B)
+  if chosen.fallback:
+    warnings.warn(f"attention: implementation={implementation!r} has no kernel for "
+                  f"{chosen.reason}; running the xla reference instead", stacklevel=2)
+  if chosen.path == "xla":
     return xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, q_offset_B=q_offset_B,
                          kv_lengths_B=kv_lengths_B, sm_scale=sm_scale)
-  raise NotImplementedError(f"attention implementation {implementation!r} is not wired yet")
+  if interpret is None:
+    interpret = not _on_gpu()
+  if chosen.path == "block":
+    from pallas_kernels import block_kernel
+    return block_kernel.block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, kind=chosen.kind,
+                                        block_size=chosen.block_size, sm_scale=sm_scale,
+                                        interpret=interpret)
+  lengths_B = _window_lengths(kv_lengths_B, q_BxTxHxD.shape[0], k_BxSxKxD.shape[1])
+  if chosen.path == "window":
+    from pallas_kernels import window_kernel
+    return window_kernel.window_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B,
+                                          sm_scale=sm_scale, interpret=interpret)
+  if chosen.path == "triton_window":
+    from pallas_kernels import triton_window
+    return triton_window.triton_window_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B,
+                                                 sm_scale=sm_scale)
+  assert chosen.path == "cudnn", chosen
+  return cudnn_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, q_offset_B=q_offset_B,
+                         kv_lengths_B=kv_lengths_B, sm_scale=sm_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """Which code path ``attention`` takes for a call (``route`` computes it from static data).
+
+  path: "xla", "block" (pallas block_attention), "window" (pallas window_attention),
+  "triton_window", "cudnn" or "splash"; kind/block_size: block_attention's arguments;
+  fallback: the requested implementation had no kernel and the xla reference runs (reason says
+  why).
+  """
+
+  path: str
+  kind: str | None = None
+  block_size: int | None = None
+  fallback: bool = False
+  reason: str = ""
+
+
+WINDOW_MAX_QUERIES = 64
+
+
+def route(implementation: str, mask, q_BxTxHxD, k_BxSxKxD, *, q_offset_B=None,
+          kv_lengths_B=None) -> Route:
+  """The path ``attention(..., implementation=...)`` takes; see the module docstring."""
+  if implementation == "xla":
+    return Route("xla")
+  if implementation == "splash":
+    return Route("splash")
+  num_q, num_k = q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]
+  if implementation == "cudnn":
+    if _on_gpu() and jnp.dtype(q_BxTxHxD.dtype) not in (jnp.bfloat16, jnp.float16):
+      return Route("xla", fallback=True,
+                   reason=f"dtype {jnp.dtype(q_BxTxHxD.dtype).name} (cuDNN takes bf16/fp16)")
+    if isinstance(mask, masks_lib.Explicit) and np.ndim(mask.allowed) > 3:
+      return Route("xla", fallback=True, reason="an Explicit mask of rank > 3")
+    return Route("cudnn")
+  if isinstance(mask, masks_lib.Full) and num_q <= WINDOW_MAX_QUERIES:
+    return Route("triton_window" if implementation == "triton" else "window")
+  block = _block_kind(mask, num_q, num_k)
+  if block is not None and kv_lengths_B is None and _is_zero_offset(q_offset_B):
+    return Route("block", kind=block[0], block_size=block[1])
+  what = (f"mask {type(mask).__name__} with T={num_q}, S={num_k}, "
+          f"q_offset_B={'none' if q_offset_B is None else 'given'}, "
+          f"kv_lengths_B={'none' if kv_lengths_B is None else 'given'}")
+  return Route("xla", fallback=True, reason=what)
+
+
+def _block_kind(mask, num_q, num_k):
+  if isinstance(mask, masks_lib.Causal):
+    return "causal", 1
+  if isinstance(mask, masks_lib.BlockCausal):
+    return "block_causal", mask.block_size
+  if isinstance(mask, masks_lib.Training) and num_q == num_k == 2 * mask.seq_len:
+    return "training", mask.block_size
+  return None
+
+
+def _is_zero_offset(q_offset_B) -> bool:
+  if q_offset_B is None:
+    return True
+  try:
+    offsets = np.asarray(q_offset_B)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return False  # traced: unknown at trace time, so no kernel that assumes 0
+  return bool(np.all(offsets == 0))
+
+
+def _window_lengths(kv_lengths_B, batch, num_keys):
+  if kv_lengths_B is None:
+    return jnp.full((batch,), num_keys, jnp.int32)
+  return jnp.broadcast_to(jnp.asarray(kv_lengths_B, jnp.int32), (batch,))
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def cudnn_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None,
+                    kv_lengths_B=None, sm_scale=None):
+  """``jax.nn.dot_product_attention`` with our mask mapped onto its arguments.
+
+  cuDNN on a GPU; jax's "xla" implementation elsewhere (same arguments, so CPU tests check the
+  mapping). A plain causal mask uses ``is_causal`` (cuDNN skips hidden tiles); ``Full`` with
+  lengths uses ``key_value_seq_lengths``; every other mask becomes a boolean [T, S] (or
+  [B, T, S]) array, which cuDNN applies densely.
+  """
+  batch, num_q = q_BxTxHxD.shape[:2]
+  num_k = k_BxSxKxD.shape[1]
+  kwargs = dict(scale=sm_scale, implementation="cudnn" if _on_gpu() else "xla")
+  if isinstance(mask, masks_lib.Full) and kv_lengths_B is not None:
+    kwargs["key_value_seq_lengths"] = _window_lengths(kv_lengths_B, batch, num_k)
+  elif isinstance(mask, masks_lib.Full):
+    pass
+  elif (isinstance(mask, masks_lib.Causal) and kv_lengths_B is None and num_q == num_k
+        and _is_zero_offset(q_offset_B)):
+    kwargs["is_causal"] = True
+  else:
+    allowed_BxTxS = visibility(mask, num_q, num_k, q_offset_B, kv_lengths_B)
+    kwargs["mask"] = allowed_BxTxS[:, None]
+  return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, **kwargs)
 
 
 def _check_shapes(q, k, v):

@@ -1,0 +1,30 @@
+"""Fused attention kernels for Fast-dLLM v2, each module beside its pure-jnp reference.
+
+* ``block_kernel``: ``block_attention`` (flash attention for the causal, block-causal and
+  x_t ++ x_0 training masks; forward, dQ and dK/dV kernels; hidden tiles skipped) and
+  ``block_attention_reference``.
+* ``window_kernel``: ``window_attention`` (a decode window over a ragged KV cache,
+  flash-decoding split over the keys) and ``window_attention_reference``.
+* ``triton_window``: ``triton_window_attention``, the same decode step as a Triton kernel
+  called through jax-triton (imported lazily; GPU only).
+
+All Pallas kernels lower to Triton on GPU and run in Pallas' interpreter with
+``interpret=True`` (CPU tests).
+"""
+
+from pallas_kernels.block_kernel import (KINDS, Tiling, block_attention,
+                                         block_attention_reference, default_tiling,
+                                         key_tile_segments, mask_allowed,
+                                         query_tile_segments, visited_key_tiles,
+                                         visited_tiles)
+from pallas_kernels.triton_window import triton_window_attention
+from pallas_kernels.window_kernel import (DecodePlan, decode_plan, split_tiles,
+                                          window_attention, window_attention_reference)
+
+__all__ = [
+    "KINDS", "Tiling", "block_attention", "block_attention_reference", "default_tiling",
+    "key_tile_segments", "mask_allowed", "query_tile_segments", "visited_key_tiles",
+    "visited_tiles",
+    "DecodePlan", "decode_plan", "split_tiles", "window_attention", "window_attention_reference",
+    "triton_window_attention",
+]

@@ -1,0 +1,149 @@
+"""fdllm_jax.attention: routing, and every implementation against the xla reference.
+
+On CPU the Pallas kernels run in interpret mode (``interpret=None`` picks it) and "cudnn" runs
+``jax.nn.dot_product_attention``'s xla implementation with the same mapped arguments; "triton"
+needs a GPU with jax-triton and is skipped elsewhere.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdllm_jax import attention as attn
+from fdllm_jax import masks
+
+ON_CPU = jax.default_backend() == "cpu"
+# Compiled Pallas kernels multiply float32 in TF32 on a GPU (like XLA's default there).
+F32_TOL = 1e-5 if ON_CPU else 5e-3
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _qkv(seed, batch, t, s, hq, hkv, d, dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return (jax.random.normal(kq, (batch, t, hq, d), jnp.float32).astype(dtype),
+          jax.random.normal(kk, (batch, s, hkv, d), jnp.float32).astype(dtype),
+          jax.random.normal(kv, (batch, s, hkv, d), jnp.float32).astype(dtype))
+
+
+def test_default_implementation_is_xla_on_cpu():
+  assert attn.default_implementation() == "xla"
+
+
+def test_routes():
+  q, k = jnp.zeros((2, 16, 4, 16)), jnp.zeros((2, 16, 2, 16))
+  window_q = jnp.zeros((2, 8, 4, 16))
+  lengths = jnp.asarray([3, 16])
+  r = attn.route("pallas", masks.Causal(), q, k)
+  assert (r.path, r.kind, r.fallback) == ("block", "causal", False)
+  r = attn.route("pallas", masks.BlockCausal(4), q, k, q_offset_B=np.zeros(2, np.int32))
+  assert (r.path, r.kind, r.block_size) == ("block", "block_causal", 4)
+  r = attn.route("pallas", masks.Training(4, 8), q, k)
+  assert (r.path, r.kind, r.block_size) == ("block", "training", 4)
+  assert attn.route("pallas", masks.Full(), window_q, k, kv_lengths_B=lengths).path == "window"
+  assert attn.route("triton", masks.Full(), window_q, k,
+                    kv_lengths_B=lengths).path == "triton_window"
+  assert attn.route("triton", masks.Causal(), q, k).path == "block"
+  assert attn.route("cudnn", masks.Training(4, 8), q, k).path == "cudnn"
+  assert attn.route("xla", masks.Causal(), q, k) == attn.Route("xla")
+  assert attn.route("splash", masks.Training(4, 8), q, k) == attn.Route("splash")  # TPU path
+  # No kernel: explicit fallbacks.
+  for mask, kwargs in [(masks.BlockCausal(4), dict(kv_lengths_B=lengths)),
+                       (masks.Training(4, 4), {}),                   # T != 2 * seq_len
+                       (masks.Explicit(jnp.ones((16, 16), bool)), {}),
+                       (masks.Full(), dict(kv_lengths_B=lengths))]:  # T=16 is fine, see below
+    r = attn.route("pallas", mask, q, k, **kwargs)
+    assert r.path == ("window" if isinstance(mask, masks.Full) else "xla"), mask
+    assert r.fallback == (r.path == "xla")
+  long_q = jnp.zeros((2, 65, 4, 16))
+  assert attn.route("pallas", masks.Full(), long_q, k, kv_lengths_B=lengths).fallback
+  traced = jax.jit(lambda off: attn.route("pallas", masks.BlockCausal(4), q, k,
+                                          q_offset_B=off).fallback)
+  assert traced(jnp.zeros(2, jnp.int32))  # traced offsets are unknown: no kernel
+
+
+def test_fallback_warns_and_matches_xla():
+  q, k, v = _qkv(0, 2, 8, 24, 4, 2, 16)
+  kwargs = dict(mask=masks.BlockCausal(4), q_offset_B=jnp.asarray([8, 16]),
+                kv_lengths_B=jnp.asarray([16, 24]))
+  with pytest.warns(UserWarning, match="no kernel"):
+    out = attn.attention(q, k, v, implementation="pallas", **kwargs)
+  np.testing.assert_array_equal(out, attn.attention(q, k, v, implementation="xla", **kwargs))
+
+
+BLOCK_CASES = [
+    (masks.Causal(), 40, 40, 4, 2),
+    (masks.BlockCausal(8), 40, 40, 2, 2),
+    (masks.Training(8, 24), 48, 48, 7, 1),
+]
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "cudnn"])
+@pytest.mark.parametrize("mask,t,s,hq,hkv", BLOCK_CASES)
+def test_block_masks_match_xla(implementation, mask, t, s, hq, hkv):
+  # cuDNN takes 16-bit inputs only (float32 would fall back to xla, with a warning).
+  dtype = jnp.bfloat16 if (implementation == "cudnn" and not ON_CPU) else jnp.float32
+  q, k, v = _qkv(t + hq, 2, t, s, hq, hkv, 32, dtype)
+  ref = attn.attention(q, k, v, mask=mask, implementation="xla")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")   # a fallback warns: make it fail here
+    out = attn.attention(q, k, v, mask=mask, implementation=implementation)
+  assert out.shape == ref.shape and out.dtype == ref.dtype
+  assert _rel(out, ref) <= (F32_TOL if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "cudnn"])
+def test_decode_window_matches_xla(implementation):
+  dtype = jnp.bfloat16 if (implementation == "cudnn" and not ON_CPU) else jnp.float32
+  q, k, v = _qkv(5, 3, 8, 40, 6, 2, 16, dtype)
+  lengths = jnp.asarray([1, 40, 23], jnp.int32)
+  offsets = lengths - 1   # ignored by Full(): present as in the model's decode call
+  kwargs = dict(mask=masks.Full(), q_offset_B=offsets, kv_lengths_B=lengths)
+  ref = attn.attention(q, k, v, implementation="xla", **kwargs)
+  out = attn.attention(q, k, v, implementation=implementation, **kwargs)
+  assert _rel(out, ref) <= (F32_TOL if dtype == jnp.float32 else 1e-2)
+
+
+def test_pallas_gradients_match_xla():
+  mask = masks.Training(8, 16)
+  q, k, v = _qkv(11, 1, 32, 32, 4, 2, 16)
+  cot = jax.random.normal(jax.random.PRNGKey(12), q.shape)
+
+  def loss(implementation):
+    return lambda q, k, v: jnp.sum(attn.attention(q, k, v, mask=mask,
+                                                  implementation=implementation) * cot)
+
+  grads = jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  for g, r in zip(grads, ref):
+    assert _rel(g, r) <= F32_TOL
+
+
+def test_bfloat16_pallas_matches_xla():
+  mask = masks.BlockCausal(16)
+  q, k, v = _qkv(13, 1, 48, 48, 4, 2, 32, jnp.bfloat16)
+  out = attn.attention(q, k, v, mask=mask, implementation="pallas")
+  ref = attn.attention(q, k, v, mask=mask, implementation="xla")
+  assert out.dtype == jnp.bfloat16 and _rel(out, ref) <= 1e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="jax-triton needs a GPU backend")
+def test_triton_decode_window_matches_xla():
+  q, k, v = _qkv(5, 3, 32, 256, 12, 2, 128, jnp.bfloat16)
+  lengths = jnp.asarray([1, 256, 100], jnp.int32)
+  kwargs = dict(mask=masks.Full(), kv_lengths_B=lengths)
+  out = attn.attention(q, k, v, implementation="triton", **kwargs)
+  ref = attn.attention(q, k, v, implementation="xla", **kwargs)
+  assert _rel(out, ref) <= 1e-2
+
+
+def test_unknown_implementation():
+  q, k, v = _qkv(0, 1, 4, 4, 2, 2, 16)
+  with pytest.raises(ValueError, match="unknown"):
+    attn.attention(q, k, v, implementation="flash")

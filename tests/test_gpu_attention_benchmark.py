@@ -1,0 +1,37 @@
+"""benchmarks/gpu_attention.py: the --cpu-smoke run (tiny shapes, Pallas interpreter) works."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cpu_smoke_run_reports_every_section(tmp_path):
+  out_file = tmp_path / "bench.jsonl"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "gpu_attention.py"), "--cpu-smoke",
+       "--out", str(out_file)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+  records = [json.loads(line) for line in out_file.read_text().splitlines()]
+  printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert records == printed
+  assert not [r for r in records if "error" in r]
+  checks = [r for r in records if r["section"] == "check" and "ok" in r]
+  assert checks and all(r["ok"] for r in checks)
+  assert {r["name"] for r in checks} >= {"pallas_window_float32", "cudnn_Training",
+                                         "attention_pallas_Training", "attention_pallas_Full"}
+  train = {(r["impl"], r["mode"]) for r in records if r["section"] == "train"}
+  assert train == {(i, m) for i in ("pallas", "xla", "cudnn") for m in ("fwd", "fwd+bwd")}
+  decode = [r for r in records if r["section"] == "decode"]
+  assert {r["impl"] for r in decode} == {"pallas", "xla", "cudnn"}
+  for r in decode + [r for r in records if r["section"] == "train"]:
+    assert r["ms"] > 0 and r["tflops"] > 0 and r["speedup_vs_xla"] > 0
+    if r["impl"] == "pallas":   # baselines are measured first: both ratios present
+      assert r["speedup_vs_cudnn"] > 0
+  assert all(r["gbps"] > 0 for r in decode)
+  ceilings = [r for r in records if r["section"] == "ceilings" and "name" not in r]
+  assert ceilings[0]["tflops"] > 0 and ceilings[0]["gbps"] > 0
+  assert "summary" in proc.stdout
