@@ -1,0 +1,194 @@
+"""Generates text with a Fast-dLLM v2 model (block diffusion) or autoregressively (``--ar``).
+
+    python decode.py --model PATH_OR_HUB_ID --prompt "What is 7 * 8?" --chat \\
+        [--threshold 0.9] [--max_new_tokens 256] [--dual_cache] [--ar] [--show_steps] \\
+        [--gin_file configs/X.gin] [--gin_param 'DecodeConfig.sub_block_size = 4']
+
+Prints the generated text, then tokens/s, tokens per forward and forwards. Gin binds any
+``DecodeConfig`` field; explicit flags override gin. ``--prompt`` may be repeated (one batch).
+A progress bar (on a terminal) follows the generation: the device loop runs a few blocks per
+call and reports in between, so there is no host round trip per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description="Fast-dLLM v2 decoding (block diffusion or AR).")
+  p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+  p.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default: --model)")
+  p.add_argument("--prompt", action="append", required=True,
+                 help="the prompt text; repeat for a batch")
+  p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+  p.add_argument("--system", default=None, help="system message for --chat")
+  p.add_argument("--threshold", type=float, default=None)
+  p.add_argument("--max_new_tokens", type=int, default=None)
+  p.add_argument("--block_size", type=int, default=None)
+  p.add_argument("--sub_block_size", type=int, default=None)
+  p.add_argument("--temperature", type=float, default=None)
+  p.add_argument("--top_p", type=float, default=None)
+  p.add_argument("--seed", type=int, default=None)
+  p.add_argument("--dual_cache", action="store_true", help="DualCache (sub-block K/V cache)")
+  p.add_argument("--ar", action="store_true", help="autoregressive decoding (the baseline)")
+  p.add_argument("--show_steps", action="store_true",
+                 help="colour each token by the step that fixed it (ANSI)")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="parameter dtype (auto: bfloat16 on accelerators, float32 on CPU)")
+  p.add_argument("--attention_impl", default=None,
+                 help="attention implementation (xla, pallas, triton, cudnn, splash; default: "
+                      "the backend's)")
+  p.add_argument("--gin_file", action="append", default=[], help="gin file; may be repeated")
+  p.add_argument("--gin_param", action="append", default=[],
+                 help="gin binding, e.g. 'DecodeConfig.threshold = 0.5'; may be repeated")
+  p.add_argument("--blocks_per_call", type=int, default=2,
+                 help="blocks decoded per device call between progress updates")
+  p.add_argument("--progress", default="auto", choices=("auto", "always", "never"),
+                 help="progress bar on stderr (auto: when it is a terminal)")
+  p.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    return _run(args)
+  except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+    if args.traceback:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _gin_bound(name: str) -> bool:
+  import gin
+  try:
+    gin.query_parameter(f"DecodeConfig.{name}")
+    return True
+  except ValueError:
+    return False
+
+
+def decode_config(args, tokenizer):
+  """DecodeConfig from gin bindings, the tokenizer's special ids, then explicit flags."""
+  import gin
+
+  import fdllm_jax
+
+  for path in args.gin_file:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"gin file {path!r} does not exist")
+  try:
+    gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+    config = fdllm_jax.DecodeConfig()
+    # The tokenizer knows the model's MASK and stop ids, unless gin names others.
+    overrides = {name: value for name, value in (("mask_id", tokenizer.mask_id),
+                                                 ("stop_ids", tokenizer.stop_ids))
+                 if not _gin_bound(name)}
+  except Exception as e:  # gin raises many types; all are configuration mistakes
+    raise ValueError(f"bad gin configuration: {type(e).__name__}: {e}") from None
+  finally:
+    gin.clear_config()
+  for name in ("threshold", "max_new_tokens", "block_size", "sub_block_size", "temperature",
+               "top_p", "seed"):
+    if getattr(args, name) is not None:
+      overrides[name] = getattr(args, name)
+  if args.dual_cache:
+    overrides["use_dual_cache"] = True
+  return dataclasses.replace(config, **overrides)
+
+
+def _run(args) -> int:
+  import jax
+
+  import fdllm_jax
+  from fdllm_jax import viz
+
+  tokenizer = fdllm_jax.load_tokenizer(args.tokenizer or args.model)
+  config = decode_config(args, tokenizer)
+  dtype = args.dtype
+  if dtype == "auto":
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  model = fdllm_jax.load_model(args.model, dtype=dtype)
+  if args.chat:
+    def encode(text):
+      messages = ([{"role": "system", "content": args.system}] if args.system else [])
+      return tokenizer.apply_chat_template(messages + [{"role": "user", "content": text}])
+  else:
+    encode = tokenizer.encode
+  prompts = [encode(text) for text in args.prompt]
+  if args.blocks_per_call < 1:
+    raise ValueError(f"--blocks_per_call must be >= 1; got {args.blocks_per_call}")
+
+  bar = _progress_bar(args, config, len(prompts))
+  try:
+    if args.ar:
+      out = fdllm_jax.generate_ar(
+          model, prompts, max_new_tokens=config.max_new_tokens, stop_ids=config.stop_ids,
+          temperature=config.temperature,
+          top_p=config.top_p if config.temperature > 0 else 1.0, seed=config.seed,
+          max_length=config.max_length, progress=bar.update if bar else None,
+          tokens_per_call=args.blocks_per_call * config.block_size if bar else None,
+          attention_impl=args.attention_impl)
+    else:  # without a bar, one device call for the whole generation
+      out = fdllm_jax.generate(model, prompts, config, progress=bar.update if bar else None,
+                               blocks_per_call=args.blocks_per_call if bar else None,
+                               attention_impl=args.attention_impl)
+  finally:
+    if bar:
+      bar.close()
+
+  for row, (tokens, steps) in enumerate(zip(out.tokens, out.step_of_token)):
+    if len(prompts) > 1:
+      print(f"--- [{row}] {'(stopped)' if out.finished[row] else '(length limit)'}")
+    if args.show_steps:
+      print(viz.render_steps_ansi(tokenizer, tokens, steps))
+    else:
+      print(tokenizer.decode(tokens))
+  mode = "AR" if args.ar else (f"threshold {config.threshold}"
+                               + (", DualCache" if config.use_dual_cache else ""))
+  print(f"[{mode}] {out.num_tokens} tokens in {out.seconds:.2f} s: "
+        f"{out.tokens_per_second:.1f} tokens/s, {out.tokens_per_forward:.2f} tokens/forward, "
+        f"{out.num_forwards} forwards (compile {out.compile_seconds:.1f} s)", flush=True)
+  return 0
+
+
+class _Bar:
+  """tqdm over generated positions; ``update(done, total)`` as generate's progress callback."""
+
+  def __init__(self, total, always: bool):
+    from tqdm import tqdm
+    self._tqdm = tqdm(total=total, unit="tok", dynamic_ncols=True, leave=False,
+                      disable=False if always else None, file=sys.stderr)
+    self._done = 0
+
+  @property
+  def disabled(self) -> bool:
+    return bool(self._tqdm.disable)
+
+  def update(self, done, total):
+    self._tqdm.total = total
+    self._tqdm.update(done - self._done)
+    self._done = done
+
+  def close(self):
+    self._tqdm.close()
+
+
+def _progress_bar(args, config, batch):
+  """A bar on a terminal; None otherwise (then the decode is a single device call)."""
+  if args.progress == "never":
+    return None
+  bar = _Bar(config.max_new_tokens * batch, always=args.progress == "always")
+  if bar.disabled:
+    bar.close()
+    return None
+  return bar
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,865 @@
+"""Jitted block-diffusion decoding (Fast-dLLM v2, spec section 4) and the autoregressive baseline.
+
+``generate(model, prompts, config)`` decodes a batch of prompts of different lengths:
+
+* Prefill: the blocks that every row's prompt fills (``c0 = min_b floor(P_b / B) * B`` tokens)
+  run once with the block-causal mask and fill the KV cache; a row whose prompt ends exactly
+  there takes its first new token from the last prefill logit.
+* A window of B positions, shared by all rows (spec 4.7), then moves block by block. Each row
+  holds its prompt tokens (or the carried first token) at their positions and MASK elsewhere.
+  Rows are independent state machines inside the window: each works on *its own* current
+  sub-block (the one holding its first MASK), and the window is committed (one forward with
+  cache update, whose last logit gives the next block's first token) once no active row has a
+  MASK left. A row whose prompt covers the whole window simply waits for the commit.
+* Each denoising step forwards the window against the committed prefix (``masks.Full()`` with
+  ``kv_lengths = start + B``, which is block-causal for the window), shifts the logits by one
+  position, and fixes every MASK of the row's sub-block whose confidence exceeds the threshold,
+  plus the most confident one. Only the S logits a row needs go through the LM head.
+* DualCache (``use_dual_cache``, spec 4.6) is decided per row: a row forwards the full window
+  (and keeps the window's K/V as its block cache) while the first position of its sub-block is
+  MASK or its block cache is not yet valid in this block; otherwise it forwards only its S
+  sub-block tokens, which overwrite their own slots of its block cache. When rows need
+  different kinds, a row waits for the forward of its kind (its K/V go to scratch slots in
+  the meantime), so one row's schedule never changes another's tokens.
+* Stop rule (spec 4.4), checked before every step: a row whose generated part of the window
+  holds a stop id with no MASK before it is finished. Finished rows never change again.
+* A row also ends when every position below ``P_b + max_new_tokens`` (capped by ``max_length``)
+  is decoded; positions past that limit stay MASK in the window and are never candidates, and
+  the last window is not committed (no forward is spent on K/V nobody reads).
+
+Everything after the prefill runs in one ``lax.while_loop`` inside one compiled executable, one
+forward per iteration and no conditional around it (see ``_decode_fn``), with static shapes:
+the cache length and the prefill length are bucketed to multiples of B (``bucket``: exact up
+to 256, then at most ~1/8 padding), so prompts of similar lengths share executables.
+Executables are compiled ahead of time and cached by shape: a second call in the same bucket
+compiles nothing (``GenerateOutput.compile_seconds == 0``). The loop state (cache included) is
+donated. For a progress display the loop can stop after a number of block commits and be
+resumed (``blocks_per_call``): one host round trip per chunk, none per step.
+
+``generate_ar`` is causal KV-cache decoding in the same style (1-token steps, per-row write
+positions for ragged prompts, one loop on the device).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import numbers
+import threading
+import time
+import weakref
+from typing import Any, Callable, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax import struct
+
+from fdllm_jax import masks as masks_lib
+from fdllm_jax import sampling
+from fdllm_jax.cache import KVCache
+from fdllm_jax.scoring import check_token_ids
+
+_NO_BUDGET = 2**30  # "run to the end" for the chunk budget
+
+
+# --------------------------------------------------------------------------------------- config
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+  """Block-diffusion decoding settings (frozen, hashable; validated on construction).
+
+  Gin-configurable (``DecodeConfig.threshold = 0.5``) for the command-line tools.
+
+  Attributes:
+    block_size: B, the block of the attention mask (32 for the released models).
+    sub_block_size: S, decoded left to right inside the block; must divide ``block_size``.
+    threshold: a MASK position is fixed when its confidence exceeds this (plus the most
+      confident position of the sub-block in every step); in (0, 1]. 1.0 = one token per step.
+    max_new_tokens: generated tokens per row at most (the stop id included); >= 1.
+    temperature: 0 for greedy, else sampling from softmax(logits / temperature).
+    top_p: nucleus of the sampling distribution, in (0, 1] (unused when greedy).
+    mask_id: the MASK token (151665 on the Qwen2.5 vocabulary).
+    stop_ids: a row stops at the first of these ids (spec 4.4); may be empty.
+    use_dual_cache: the sub-block cache of spec 4.6 (the reference's approximation, exactly).
+    seed: PRNG seed of the sampling.
+    max_length: cap of prompt + generated tokens; None = the model's max_position_embeddings.
+  """
+
+  block_size: int = 32
+  sub_block_size: int = 8
+  threshold: float = 0.9
+  max_new_tokens: int = 256
+  temperature: float = 0.0
+  top_p: float = 0.95
+  mask_id: int = 151665
+  stop_ids: tuple[int, ...] = (151645,)
+  use_dual_cache: bool = False
+  seed: int = 0
+  max_length: int | None = None
+
+  def __post_init__(self):
+    stop_ids = self.stop_ids
+    if _is_int(stop_ids):
+      stop_ids = (stop_ids,)
+    try:
+      stop_ids = tuple(stop_ids)
+    except TypeError:
+      raise ValueError(f"DecodeConfig.stop_ids must be a sequence of token ids; got "
+                       f"{self.stop_ids!r}") from None
+    if not all(_is_int(s) and s >= 0 for s in stop_ids):
+      raise ValueError(f"DecodeConfig.stop_ids must be non-negative integers; got {stop_ids!r}")
+    object.__setattr__(self, "stop_ids", tuple(int(s) for s in stop_ids))
+    for name in ("block_size", "sub_block_size", "max_new_tokens"):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 1:
+        raise ValueError(f"DecodeConfig.{name} must be an integer >= 1; got {value!r}")
+    if self.block_size % self.sub_block_size:
+      raise ValueError(f"DecodeConfig.sub_block_size={self.sub_block_size} must divide "
+                       f"block_size={self.block_size}")
+    if not _is_real(self.threshold) or not 0.0 < self.threshold <= 1.0:
+      raise ValueError(f"DecodeConfig.threshold must be in (0, 1]; got {self.threshold!r}")
+    if not _is_real(self.temperature) or not 0.0 <= self.temperature < math.inf:
+      raise ValueError(f"DecodeConfig.temperature must be a finite number >= 0; got "
+                       f"{self.temperature!r}")
+    if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"DecodeConfig.top_p must be in (0, 1]; got {self.top_p!r}")
+    if not _is_int(self.mask_id) or self.mask_id < 0:
+      raise ValueError(f"DecodeConfig.mask_id must be a non-negative integer; got "
+                       f"{self.mask_id!r}")
+    if self.mask_id in self.stop_ids:
+      raise ValueError(f"DecodeConfig.mask_id={self.mask_id} is also in stop_ids="
+                       f"{self.stop_ids}")
+    if not isinstance(self.use_dual_cache, bool):
+      raise ValueError(f"DecodeConfig.use_dual_cache must be a bool; got "
+                       f"{self.use_dual_cache!r}")
+    if not _is_int(self.seed):
+      raise ValueError(f"DecodeConfig.seed must be an integer; got {self.seed!r}")
+    if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 2):
+      raise ValueError(f"DecodeConfig.max_length must be None or an integer >= 2; got "
+                       f"{self.max_length!r}")
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  """What ``generate`` / ``generate_ar`` return.
+
+  Attributes:
+    tokens: per row, the generated ids up to (excluding) the first stop id.
+    finished: per row, whether it stopped on a stop id (False: it hit the token limit).
+    num_forwards: model forward passes spent on the batch, prefill included. In a batch a
+      forward serves every row that needs that kind of forward; the others wait.
+    step_of_token: per row, for each id of ``tokens``, the row's own forward count at which it
+      was fixed (1-based: the prefill or the first step is 1). Rows do not share counters, so a
+      row's trace is the same alone or in a batch.
+    seconds: wall time of the call, compilation excluded.
+    compile_seconds: time spent compiling in this call (0.0 when every executable was cached).
+    host_syncs: device-to-host round trips made while decoding.
+  """
+
+  tokens: list[list[int]]
+  finished: list[bool]
+  num_forwards: int
+  step_of_token: list[list[int]]
+  seconds: float
+  compile_seconds: float
+  host_syncs: int
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(len(t) for t in self.tokens)
+
+  @property
+  def tokens_per_second(self) -> float:
+    return self.num_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+  @property
+  def tokens_per_forward(self) -> float:
+    return self.num_tokens / self.num_forwards if self.num_forwards else float("nan")
+
+
+# ------------------------------------------------------------------------------ input checking
+
+def _check_prompts(prompts, vocab_size: int, mask_id: int) -> list[list[int]]:
+  if isinstance(prompts, np.ndarray) or hasattr(prompts, "shape"):
+    arr = np.asarray(prompts)
+    if arr.ndim == 1:
+      arr = arr[None]
+    prompts = arr.tolist()
+  if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)):
+    raise ValueError(f"prompts must be a list of token-id lists; got {type(prompts).__name__}")
+  if len(prompts) == 0:
+    raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
+  if all(_is_int(p) for p in prompts):  # one prompt given as a flat list of ids
+    prompts = [prompts]
+  rows = []
+  for i, prompt in enumerate(prompts):
+    if isinstance(prompt, np.ndarray):
+      prompt = prompt.tolist()
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+      raise ValueError(f"prompt {i} must be a list of token ids; got {type(prompt).__name__}")
+    if len(prompt) == 0:
+      raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+    if not all(_is_int(t) for t in prompt):
+      bad = next(t for t in prompt if not _is_int(t))
+      raise ValueError(f"prompt {i}: token ids must be integers; got {bad!r}")
+    check_token_ids(np.asarray(prompt, np.int64), vocab_size, f"prompt {i}")
+    if mask_id in prompt:
+      raise ValueError(f"prompt {i}: holds the mask id {mask_id} at position "
+                       f"{list(prompt).index(mask_id)}; prompts must not contain MASK")
+    rows.append([int(t) for t in prompt])
+  return rows
+
+
+def _check_ids_in_vocab(ids, vocab_size: int, what: str) -> None:
+  for i in ids:
+    if not 0 <= i < vocab_size:
+      raise ValueError(f"{what}={i} is outside the model's vocabulary [0, {vocab_size})")
+
+
+def _limits(rows, max_new_tokens: int, max_length: int) -> np.ndarray:
+  for i, row in enumerate(rows):
+    if len(row) >= max_length:
+      raise ValueError(f"prompt {i} has {len(row)} tokens, which already fills max_length="
+                       f"{max_length}: no room to generate (shorten it or raise max_length)")
+  return np.asarray([min(len(r) + max_new_tokens, max_length) for r in rows], np.int32)
+
+
+# ------------------------------------------------------------------- compiled-executable cache
+
+_COMPILED: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
+_COMPILED_MAX = 64
+_COMPILED_LOCK = threading.Lock()
+COMPILE_COUNT = collections.Counter()  # kind -> number of compilations (tests read it)
+
+
+def _signature(tree) -> tuple:
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x)),
+                         getattr(x, "sharding", None) if isinstance(x, jax.Array) else None)
+                        for x in leaves)
+
+
+def _executable(kind: str, fn: Callable, statics: tuple, args: tuple, donate: tuple = ()):
+  """AOT-compiles ``fn`` for these argument shapes once; returns (executable, compile seconds).
+
+  ``args[0]`` must be the model parameters: their shapes are part of ``statics`` (the model
+  key of ``_prepare``), which saves flattening them for the lookup.
+  """
+  key = (kind, statics, _signature(args[1:]))
+  with _COMPILED_LOCK:
+    exe = _COMPILED.get(key)
+    if exe is not None:
+      _COMPILED.move_to_end(key)
+      return exe, 0.0
+  start = time.perf_counter()
+  exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  seconds = time.perf_counter() - start
+  with _COMPILED_LOCK:
+    _COMPILED[key] = exe
+    COMPILE_COUNT[kind] += 1
+    while len(_COMPILED) > _COMPILED_MAX:
+      _COMPILED.popitem(last=False)
+  return exe, seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+  graphdef: Any
+  params: Any  # nnx.State holding the model's own Variables: values are read at each call
+  key: int  # equal for models of equal structure and parameter shapes
+
+
+_PREPARED: "weakref.WeakKeyDictionary[Any, _Prepared]" = weakref.WeakKeyDictionary()
+_MODEL_KEYS: dict = {}
+
+
+def _prepare(model) -> _Prepared:
+  """``nnx.split`` once per model object (a traversal costs ~1 ms per layer on a CPU host).
+
+  The cached State holds the model's Variable objects, so parameter values assigned in place
+  (``param[...] = x``) are seen by later calls; a model whose structure is changed after its
+  first use (a Variable object replaced) must be copied (``nnx.clone``) to be seen.
+  """
+  try:
+    prepared = _PREPARED.get(model)
+  except TypeError:  # not weak-referenceable / hashable: no caching
+    prepared = None
+  if prepared is None:
+    graphdef, params = nnx.split(model)
+    with _COMPILED_LOCK:
+      key = _MODEL_KEYS.setdefault((graphdef, _signature(params)), len(_MODEL_KEYS))
+    prepared = _Prepared(graphdef, params, key)
+    try:
+      _PREPARED[model] = prepared
+    except TypeError:
+      pass
+  return prepared
+
+
+# --------------------------------------------------------------------------- decoding state
+
+@struct.dataclass
+class _Knobs:
+  """Per-call values that do not change shapes (traced, so new values never recompile)."""
+
+  prompt_lens: jax.Array  # int32[B]
+  limits: jax.Array  # int32[B]: positions < limit are generated
+  stop_ids: jax.Array  # int32[n]
+  mask_id: jax.Array
+  threshold: jax.Array
+  temperature: jax.Array
+  top_p: jax.Array
+  seed: jax.Array
+
+
+@struct.dataclass
+class _DiffusionState:
+  tokens: jax.Array  # int32[B, L]: prompts, decoded tokens, MASK
+  step_of: jax.Array  # int32[B, L]: row step that fixed each position (0: prompt / not yet)
+  cache: KVCache
+  start: jax.Array  # int32 scalar: first position of the shared window
+  active: jax.Array  # bool[B]
+  finished: jax.Array  # bool[B]: stopped on a stop id
+  block_valid: jax.Array  # bool[B]: DualCache block cache computed in the current window
+  row_steps: jax.Array  # int32[B]
+  num_forwards: jax.Array  # int32 scalar
+
+
+@dataclasses.dataclass(frozen=True)
+class _Statics:
+  block_size: int
+  sub_block_size: int
+  dual_cache: bool
+  greedy: bool
+  attention_impl: str | None
+
+
+def _knobs(config: DecodeConfig, prompt_lens, limits, *, temperature=None, top_p=None,
+           threshold=None, stop_ids=None, seed=None, mask_id=None) -> _Knobs:
+  # numpy values: cheaper to build than device arrays; the executable call transfers them.
+  f32 = lambda v: np.asarray(v, np.float32)
+  stops = config.stop_ids if stop_ids is None else stop_ids
+  return _Knobs(
+      prompt_lens=np.asarray(prompt_lens, np.int32), limits=np.asarray(limits, np.int32),
+      stop_ids=np.asarray(stops, np.int32).reshape(-1),
+      mask_id=np.asarray(config.mask_id if mask_id is None else mask_id, np.int32),
+      threshold=f32(config.threshold if threshold is None else threshold),
+      temperature=f32(config.temperature if temperature is None else temperature),
+      top_p=f32(config.top_p if top_p is None else top_p),
+      seed=np.asarray((config.seed if seed is None else seed) % 2**32, np.uint32))
+
+
+def _is_stop(ids, stop_ids):
+  return jnp.any(ids[..., None] == stop_ids, axis=-1)
+
+
+def _choose(model, hidden_BxTxD, knobs: _Knobs, row_steps_B, statics: _Statics):
+  """(ids, confidence) [B, T] from final hidden states; MASK never chosen."""
+  logits = model.logits(hidden_BxTxD)
+  if statics.greedy:
+    return sampling.greedy(logits, knobs.mask_id)
+  return sampling.sample(logits, sampling.row_keys(knobs.seed, row_steps_B),
+                         temperature=knobs.temperature, top_p=knobs.top_p,
+                         exclude_id=knobs.mask_id)
+
+
+def _prefill_fn(graphdef, statics: _Statics, prefill_pad: int, params, tokens_BxL,
+                knobs: _Knobs, prefill_len) -> _DiffusionState:
+  """Block-causal prefill of the first ``prefill_len`` tokens (a multiple of B, traced).
+
+  The forward covers ``prefill_pad >= prefill_len`` tokens (a static bucket): the block-causal
+  mask keeps the extra tokens from influencing the first ``prefill_len``, and their K/V slots
+  lie in windows that rewrite them before any query can see them.
+  """
+  model = nnx.merge(graphdef, params)
+  batch, total = tokens_BxL.shape
+  scratch = statics.block_size if statics.dual_cache and batch > 1 else 0  # see _decode_fn
+  cache = KVCache.init(model.config, batch, total + scratch, model.dtype)
+  zeros_B = jnp.zeros((batch,), jnp.int32)
+  step_of = jnp.zeros((batch, total), jnp.int32)
+  num_forwards = jnp.int32(0)
+  prefill_len = jnp.asarray(prefill_len, jnp.int32)
+  if prefill_pad:
+    hidden, cache = model(tokens_BxL[:, :prefill_pad], mask=masks_lib.BlockCausal(
+        statics.block_size), cache=cache, write_start=0,
+        kv_lengths=jnp.full((batch,), prefill_pad, jnp.int32), return_hidden=True,
+        attention_impl=statics.attention_impl)
+    last = jax.lax.dynamic_slice_in_dim(hidden, prefill_len - 1, 1, axis=1)[:, 0]
+    first, _ = sampling.greedy(model.logits(last), knobs.mask_id)
+    takes = knobs.prompt_lens == prefill_len  # the prompt ends here: a generated position
+    column = jax.lax.dynamic_slice_in_dim(tokens_BxL, prefill_len, 1, axis=1)[:, 0]
+    tokens_BxL = jax.lax.dynamic_update_slice_in_dim(
+        tokens_BxL, jnp.where(takes, first, column)[:, None], prefill_len, axis=1)
+    step_of = jax.lax.dynamic_update_slice_in_dim(
+        step_of, takes.astype(jnp.int32)[:, None], prefill_len, axis=1)
+    zeros_B = takes.astype(jnp.int32)
+    num_forwards = jnp.int32(1)
+  cache = cache.replace(lengths=jnp.full((batch,), prefill_len, jnp.int32))
+  state = _DiffusionState(
+      tokens=tokens_BxL, step_of=step_of, cache=cache, start=prefill_len,
+      active=jnp.ones((batch,), bool), finished=jnp.zeros((batch,), bool),
+      block_valid=jnp.zeros((batch,), bool), row_steps=zeros_B, num_forwards=num_forwards)
+  return _update_status(state, knobs, statics.block_size)
+
+
+def _window_status(state: _DiffusionState, knobs: _Knobs, W: int):
+  """(window tokens, generated-position mask, MASK-candidate mask), each [B, W]."""
+  window = jax.lax.dynamic_slice_in_dim(state.tokens, state.start, W, axis=1)
+  positions = state.start + jnp.arange(W, dtype=jnp.int32)
+  generated = ((positions[None] >= knobs.prompt_lens[:, None])
+               & (positions[None] < knobs.limits[:, None]))
+  return window, generated, generated & (window == knobs.mask_id)
+
+
+def _update_status(state: _DiffusionState, knobs: _Knobs, W: int) -> _DiffusionState:
+  """Applies the stop rule and the length limit to the current window (before any step).
+
+  A row stops when its generated part of the window holds a stop id with no MASK before it
+  (spec 4.4); it is done when its last window holds no MASK below its limit. Rows whose window
+  is done but whose limit lies further wait for the commit.
+  """
+  window, generated, masked = _window_status(state, knobs, W)
+  mask_before = (jnp.cumsum(masked, axis=1) - masked) > 0
+  stopped = state.active & jnp.any(generated & _is_stop(window, knobs.stop_ids) & ~mask_before,
+                                   axis=1)
+  length_done = ~jnp.any(masked, axis=1) & (state.start + W >= knobs.limits)
+  return state.replace(active=state.active & ~stopped & ~length_done,
+                       finished=state.finished | stopped)
+
+
+def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knobs: _Knobs,
+               budget) -> _DiffusionState:
+  """Steps and commits until no row is active or ``budget`` windows were committed.
+
+  Invariant between iterations: ``state.active`` already reflects the stop rule and the length
+  limit of the current window, so every iteration has work: a denoising step for the rows with
+  a MASK left, or else the commit of the window. Each iteration runs exactly one forward and no
+  conditional (a conditional would copy the whole cache at every step):
+
+  * without DualCache, a single loop of window forwards (the commit is a window forward too);
+  * with DualCache, an outer loop whose body is one full-window forward (the rows that need one,
+    or the commit) followed by an inner loop of S-token forwards while no row needs a full one.
+    A row that needs the other kind of forward waits; its own sequence of forwards is exactly
+    the one it would have alone. A waiting row's K/V go to scratch slots past the window
+    (``write_start = start + B``, invisible to every query), so its block cache stays intact.
+  """
+  model = nnx.merge(graphdef, params)
+  W, S = statics.block_size, statics.sub_block_size
+  batch = state.tokens.shape[0]
+  full = masks_lib.Full()
+  arange_W = jnp.arange(W, dtype=jnp.int32)
+  arange_S = jnp.arange(S, dtype=jnp.int32)
+
+  def forward(tokens_BxT, cache, write_start, start):
+    return model(tokens_BxT, mask=full, cache=cache, write_start=write_start,
+                 kv_lengths=jnp.full((batch,), start + W, jnp.int32), return_hidden=True,
+                 attention_impl=statics.attention_impl)
+
+  def heads(hidden_BxWxD, sub_B, row_steps):
+    """From a window forward: (ids, conf) for the row's sub-block (token shift: the logit of
+    position i comes from i - 1, position 0 keeps its own) and the greedy next-block token."""
+    source = jnp.maximum(sub_B[:, None] * S + arange_S[None] - 1, 0)
+    source = jnp.concatenate([source, jnp.full((batch, 1), W - 1, jnp.int32)], axis=1)
+    picked = jnp.take_along_axis(hidden_BxWxD, source[:, :, None], axis=1)  # [B, S + 1, D]
+    if statics.greedy:
+      ids, conf = sampling.greedy(model.logits(picked), knobs.mask_id)
+      return ids[:, :S], conf[:, :S], ids[:, S]
+    ids, conf = _choose(model, picked[:, :S], knobs, row_steps, statics)
+    nxt, _ = sampling.greedy(model.logits(picked[:, S]), knobs.mask_id)
+    return ids, conf, nxt
+
+  def needs(state):
+    """Window, MASK candidates, each row's sub-block, rows that step, whether to commit."""
+    window, _, masked = _window_status(state, knobs, W)
+    need_step = state.active & jnp.any(masked, axis=1)
+    sub_B = jnp.argmax(masked, axis=1).astype(jnp.int32) // S  # sub-block of the first MASK
+    return window, masked, sub_B, need_step, ~jnp.any(need_step)
+
+  def dual_needs(state, masked, sub_B, need_step):
+    head_masked = jnp.take_along_axis(masked, (sub_B * S)[:, None], axis=1)[:, 0]
+    need_full = need_step & (head_masked | ~state.block_valid)
+    return need_full, need_step & ~need_full
+
+  def denoise(state, window, masked, sub_B, stepping, ids, conf):
+    """Fixes the confident MASKs of each stepping row's sub-block, and its most confident."""
+    start = state.start
+    offset_BxW = arange_W[None] - sub_B[:, None] * S
+    gather = lambda a: jnp.take_along_axis(a, jnp.clip(offset_BxW, 0, S - 1), axis=1)
+    candidate = masked & (offset_BxW >= 0) & (offset_BxW < S) & stepping[:, None]
+    conf_W = jnp.where(candidate, gather(conf), -jnp.inf)
+    best = jnp.argmax(conf_W, axis=1)
+    fix = candidate & ((conf_W > knobs.threshold) | (arange_W[None] == best[:, None]))
+    row_steps = state.row_steps + stepping.astype(jnp.int32)
+    old_steps = jax.lax.dynamic_slice_in_dim(state.step_of, start, W, axis=1)
+    return state.replace(
+        tokens=jax.lax.dynamic_update_slice_in_dim(
+            state.tokens, jnp.where(fix, gather(ids), window), start, axis=1),
+        step_of=jax.lax.dynamic_update_slice_in_dim(
+            state.step_of, jnp.where(fix, row_steps[:, None], old_steps), start, axis=1),
+        row_steps=row_steps)
+
+  def commit(state, is_commit, nxt):
+    """The forward wrote the clean window's K/V; its last logit is the next block's first
+    token. When committing, pos < every active row's limit <= the buffer length."""
+    pos = state.start + W
+    counts = is_commit & state.active & (pos >= knobs.prompt_lens)
+    takes = counts & (pos < knobs.limits)
+    row_steps = state.row_steps + counts.astype(jnp.int32)
+    pos_c = jnp.minimum(pos, state.tokens.shape[1] - 1)
+    column = jax.lax.dynamic_slice_in_dim(state.tokens, pos_c, 1, axis=1)[:, 0]
+    column_steps = jax.lax.dynamic_slice_in_dim(state.step_of, pos_c, 1, axis=1)[:, 0]
+    start = jnp.where(is_commit, pos, state.start)
+    return state.replace(
+        tokens=jax.lax.dynamic_update_slice_in_dim(
+            state.tokens, jnp.where(takes, nxt, column)[:, None], pos_c, axis=1),
+        step_of=jax.lax.dynamic_update_slice_in_dim(
+            state.step_of, jnp.where(takes, row_steps, column_steps)[:, None], pos_c, axis=1),
+        start=start, row_steps=row_steps,
+        cache=state.cache.replace(lengths=jnp.full((batch,), start, jnp.int32)))
+
+  def window_iteration(state):
+    """One full-window forward: denoising for the rows that need it, or the commit."""
+    window, masked, sub_B, need_step, is_commit = needs(state)
+    if statics.dual_cache:
+      stepping, _ = dual_needs(state, masked, sub_B, need_step)
+    else:
+      stepping = need_step
+    start = state.start
+    write_start = start
+    if statics.dual_cache and batch > 1:  # waiting rows keep their block cache
+      keeps = stepping | is_commit
+      write_start = jnp.where(keeps, start, start + W)
+    hidden, cache = forward(window, state.cache, write_start, start)
+    ids, conf, nxt = heads(hidden, sub_B, state.row_steps)
+    state = denoise(state.replace(cache=cache, num_forwards=state.num_forwards + 1),
+                    window, masked, sub_B, stepping, ids, conf)
+    state = state.replace(block_valid=(state.block_valid | stepping) & ~is_commit)
+    return _update_status(commit(state, is_commit, nxt), knobs, W), is_commit
+
+  def sub_block_iteration(state):
+    """One S-token forward for the rows whose sub-block head is decoded (DualCache)."""
+    window, masked, sub_B, need_step, _ = needs(state)
+    _, need_sub = dual_needs(state, masked, sub_B, need_step)
+    first = state.start + sub_B * S
+    write_start = first[0] if batch == 1 else jnp.where(need_sub, first, state.start + W)
+    tokens_BxS = jnp.take_along_axis(window, sub_B[:, None] * S + arange_S[None], axis=1)
+    hidden, cache = forward(tokens_BxS, state.cache, write_start, state.start)
+    shifted = jnp.take_along_axis(hidden, jnp.maximum(arange_S - 1, 0)[None, :, None], axis=1)
+    ids, conf = _choose(model, shifted, knobs, state.row_steps, statics)
+    state = denoise(state.replace(cache=cache, num_forwards=state.num_forwards + 1),
+                    window, masked, sub_B, need_sub, ids, conf)
+    return _update_status(state, knobs, W)
+
+  def sub_block_phase(state):
+    def cond(state):
+      _, masked, sub_B, need_step, _ = needs(state)
+      need_full, need_sub = dual_needs(state, masked, sub_B, need_step)
+      return jnp.any(need_sub) & ~jnp.any(need_full)
+    return jax.lax.while_loop(cond, sub_block_iteration, state)
+
+  def body(carry):
+    state, commits = carry
+    state, is_commit = window_iteration(state)
+    if statics.dual_cache:
+      state = sub_block_phase(state)
+    return state, commits + is_commit.astype(jnp.int32)
+
+  def cond(carry):
+    state, commits = carry
+    return jnp.any(state.active) & (commits < budget)
+
+  state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+  return state
+
+
+# ------------------------------------------------------------------------------- public API
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def bucket(n: int, block: int) -> int:
+  """``n`` rounded up to a multiple of ``block``, coarser for large n (at most ~1/8 waste):
+  the granularity is max(block, next_power_of_two(n) / 8). Bounds the number of distinct
+  shapes, hence of compilations, over a run of varied prompt lengths."""
+  if n <= 0:
+    return 0
+  return _round_up(n, max(block, (1 << (n - 1).bit_length()) // 8))
+
+
+def generate(model, prompts, config: DecodeConfig | None = None, *,
+             progress: Callable[[int, int], None] | None = None,
+             blocks_per_call: int | None = None,
+             attention_impl: str | None = None) -> GenerateOutput:
+  """Block-diffusion decoding of a batch of prompts (see the module docstring).
+
+  Args:
+    model: a ``fdllm_jax.Transformer`` (a Fast-dLLM v2 checkpoint for meaningful text).
+    prompts: a list of token-id lists (different lengths allowed), or one list of ids.
+    config: a ``DecodeConfig`` (default ``DecodeConfig()``).
+    progress: called as ``progress(done, total)`` (generated positions over all rows) after
+      every chunk of ``blocks_per_call`` windows; implies chunking (default 1 window a chunk).
+    blocks_per_call: stop the device loop after this many window commits, report, resume.
+      None (and no progress): the whole generation is one device call.
+    attention_impl: attention implementation name (``fdllm_jax.attention``), default xla.
+  """
+  config = DecodeConfig() if config is None else config
+  if not isinstance(config, DecodeConfig):
+    raise ValueError(f"config must be a DecodeConfig; got {type(config).__name__}")
+  wall_start = time.perf_counter()
+  vocab = model.config.vocab_size
+  _check_ids_in_vocab([config.mask_id], vocab, "mask_id")
+  _check_ids_in_vocab(config.stop_ids, vocab, "stop id")
+  rows = _check_prompts(prompts, vocab, config.mask_id)
+  max_length = config.max_length or model.config.max_position_embeddings
+  limits = _limits(rows, config.max_new_tokens, max_length)
+  W = config.block_size
+  prompt_lens = np.asarray([len(r) for r in rows], np.int32)
+  batch, total = len(rows), bucket(int(limits.max()), W)
+  prefill_len = int(prompt_lens.min()) // W * W  # the blocks every prompt fills
+  prefill_pad = min(bucket(prefill_len, W), total)
+  tokens = np.full((batch, total), config.mask_id, np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  if blocks_per_call is not None and (not _is_int(blocks_per_call) or blocks_per_call < 1):
+    raise ValueError(f"blocks_per_call must be None or an integer >= 1; got {blocks_per_call!r}")
+  if progress is not None and blocks_per_call is None:
+    blocks_per_call = 1
+
+  statics = _Statics(W, config.sub_block_size, config.use_dual_cache,
+                     config.temperature == 0.0, attention_impl)
+  prepared = _prepare(model)
+  graphdef, params = prepared.graphdef, prepared.params
+  knobs = _knobs(config, prompt_lens, limits)
+  tokens = jnp.asarray(tokens)
+  compile_seconds = 0.0
+  prefill, seconds = _executable(
+      "prefill", functools.partial(_prefill_fn, graphdef, statics, prefill_pad),
+      (prepared.key, statics, prefill_pad), (params, tokens, knobs, jnp.int32(prefill_len)))
+  compile_seconds += seconds
+  state = prefill(params, tokens, knobs, jnp.int32(prefill_len))
+  budget = jnp.int32(blocks_per_call or _NO_BUDGET)
+  decode, seconds = _executable(
+      "decode", functools.partial(_decode_fn, graphdef, statics), (prepared.key, statics),
+      (params, state, knobs, budget), donate=(1,))
+  compile_seconds += seconds
+
+  host_syncs = 0
+  total_positions = int((limits - prompt_lens).sum())
+  while True:
+    state = decode(params, state, knobs, budget)
+    if blocks_per_call is None:
+      break
+    start, active = jax.device_get((state.start, state.active))
+    host_syncs += 1
+    if progress is not None:
+      done = np.where(active, np.clip(np.minimum(start, limits) - prompt_lens, 0, None),
+                      limits - prompt_lens)
+      progress(int(done.sum()), total_positions)
+    if not active.any():
+      break
+  tokens_out, step_of, finished, num_forwards = jax.device_get(
+      (state.tokens, state.step_of, state.finished, state.num_forwards))
+  host_syncs += 1
+  out_tokens, out_steps = _cut(tokens_out, step_of, prompt_lens, limits, config.stop_ids,
+                               config.mask_id)
+  return GenerateOutput(
+      tokens=out_tokens, finished=[bool(f) for f in finished], num_forwards=int(num_forwards),
+      step_of_token=out_steps, seconds=time.perf_counter() - wall_start - compile_seconds,
+      compile_seconds=compile_seconds, host_syncs=host_syncs)
+
+
+def _cut(tokens_BxL, step_of_BxL, prompt_lens, limits, stop_ids, mask_id):
+  out_tokens, out_steps = [], []
+  stops = set(stop_ids)
+  for row, steps, p, limit in zip(tokens_BxL, step_of_BxL, prompt_lens, limits):
+    ids = row[p:limit].tolist()
+    end = next((i for i, t in enumerate(ids) if t in stops or t == mask_id), len(ids))
+    out_tokens.append(ids[:end])
+    out_steps.append(steps[p:p + end].tolist())
+  return out_tokens, out_steps
+
+
+# ---------------------------------------------------------------------------------- AR baseline
+
+@struct.dataclass
+class _ARState:
+  out: jax.Array  # int32[B, N]: column k = each row's k-th generated token
+  cache: KVCache
+  last: jax.Array  # int32[B]: each row's newest token (the next one to feed)
+  pos: jax.Array  # int32[B]: its position
+  count: jax.Array  # int32 scalar: generated tokens per row so far (all rows step together)
+  active: jax.Array  # bool[B]
+  finished: jax.Array  # bool[B]: stopped on a stop id
+
+
+@dataclasses.dataclass(frozen=True)
+class _ARStatics:
+  greedy: bool
+  attention_impl: str | None
+
+
+def _ar_choose(model, hidden_BxD, knobs: _Knobs, count, statics: _ARStatics):
+  """Next token per row (no id excluded: an AR model has no MASK)."""
+  logits = model.logits(hidden_BxD)
+  if statics.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  keys_B = sampling.row_keys(knobs.seed, jnp.broadcast_to(count, hidden_BxD.shape[:1]))
+  return sampling.sample(logits, keys_B, temperature=knobs.temperature, top_p=knobs.top_p)[0]
+
+
+def _ar_prefill_fn(graphdef, statics: _ARStatics, prompt_pad: int, max_new: int, params,
+                   tokens_BxP, knobs: _Knobs) -> _ARState:
+  """Causal prefill of right-padded prompts; each row's first token from its last prompt
+  position (the padding after it is never visible to that row's queries)."""
+  model = nnx.merge(graphdef, params)
+  batch = tokens_BxP.shape[0]
+  cache = KVCache.init(model.config, batch, bucket(prompt_pad + max_new, 32), model.dtype)
+  hidden, cache = model(tokens_BxP, mask=masks_lib.Causal(), cache=cache, write_start=0,
+                        kv_lengths=jnp.full((batch,), prompt_pad, jnp.int32),
+                        return_hidden=True, attention_impl=statics.attention_impl)
+  last_pos = knobs.prompt_lens - 1
+  hidden_last = jnp.take_along_axis(hidden, last_pos[:, None, None], axis=1)[:, 0]
+  first = _ar_choose(model, hidden_last, knobs, jnp.int32(0), statics)
+  stopped = _is_stop(first, knobs.stop_ids)
+  out = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first)
+  return _ARState(out=out, cache=cache, last=first, pos=knobs.prompt_lens,
+                  count=jnp.int32(1), active=~stopped & (knobs.limits - knobs.prompt_lens > 1),
+                  finished=stopped)
+
+
+def _ar_decode_fn(graphdef, statics: _ARStatics, params, state: _ARState, knobs: _Knobs,
+                  budget) -> _ARState:
+  """One token per row and forward until no row is active or ``budget`` steps were taken.
+
+  All rows step together, so the k-th token of every row lands in column k of ``out``: one
+  update slice per step. Rows that ended keep computing (their outputs are cut on the host).
+  """
+  model = nnx.merge(graphdef, params)
+  batch = state.out.shape[0]
+  room = knobs.limits - knobs.prompt_lens  # tokens each row may generate
+
+  def body(carry):
+    state, taken = carry
+    write_start = state.pos[0] if batch == 1 else state.pos  # one update slice when B=1
+    hidden, cache = model(state.last[:, None], mask=masks_lib.Full(), cache=state.cache,
+                          write_start=write_start, kv_lengths=state.pos + 1,
+                          positions_BxT=state.pos[:, None], return_hidden=True,
+                          attention_impl=statics.attention_impl)
+    nxt = _ar_choose(model, hidden[:, 0], knobs, state.count, statics)
+    out = jax.lax.dynamic_update_slice_in_dim(state.out, nxt[:, None], state.count, axis=1)
+    stopped = state.active & _is_stop(nxt, knobs.stop_ids)
+    count = state.count + 1
+    return state.replace(out=out, cache=cache, last=nxt, pos=state.pos + 1, count=count,
+                         active=state.active & ~stopped & (count < room),
+                         finished=state.finished | stopped), taken + 1
+
+  def cond(carry):
+    state, taken = carry
+    return jnp.any(state.active) & (taken < budget)
+
+  state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+  return state
+
+
+def generate_ar(model, prompts, *, max_new_tokens: int, stop_ids=(151645,),
+                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                max_length: int | None = None, progress: Callable[[int, int], None] | None = None,
+                tokens_per_call: int | None = None,
+                attention_impl: str | None = None) -> GenerateOutput:
+  """Autoregressive KV-cache decoding (the baseline): one token per forward for every row.
+
+  Ragged prompts are right-padded to a bucket (a multiple of 32); each row writes its K/V at
+  its own position and attends to its own slots only. The whole decode is one device loop;
+  ``progress(done, total)`` / ``tokens_per_call`` chunk it as in ``generate``.
+  ``step_of_token`` is the forward that produced each token (1 = the prefill).
+  """
+  # The AR engine has no MASK; DecodeConfig validates the shared fields (any non-stop mask id).
+  stops = _as_tuple(stop_ids)
+  mask_id = 1 + max((s for s in stops if _is_int(s)), default=-1)
+  config = DecodeConfig(max_new_tokens=max_new_tokens, stop_ids=stops, temperature=temperature,
+                        top_p=top_p, seed=seed, mask_id=mask_id, max_length=max_length)
+  wall_start = time.perf_counter()
+  vocab = model.config.vocab_size
+  _check_ids_in_vocab(config.stop_ids, vocab, "stop id")
+  rows = _check_prompts(prompts, vocab, mask_id=-1)
+  max_length = config.max_length or model.config.max_position_embeddings
+  limits = _limits(rows, config.max_new_tokens, max_length)
+  prompt_lens = np.asarray([len(r) for r in rows], np.int32)
+  batch = len(rows)
+  prompt_pad = bucket(int(prompt_lens.max()), 32)
+  max_new = bucket(int((limits - prompt_lens).max()), 32)
+  tokens = np.zeros((batch, prompt_pad), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  if tokens_per_call is not None and (not _is_int(tokens_per_call) or tokens_per_call < 1):
+    raise ValueError(f"tokens_per_call must be None or an integer >= 1; got {tokens_per_call!r}")
+  if progress is not None and tokens_per_call is None:
+    tokens_per_call = 32
+
+  statics = _ARStatics(config.temperature == 0.0, attention_impl)
+  prepared = _prepare(model)
+  graphdef, params = prepared.graphdef, prepared.params
+  knobs = _knobs(config, prompt_lens, limits, mask_id=-1)
+  tokens = jnp.asarray(tokens)
+  compile_seconds = 0.0
+  prefill, seconds = _executable(
+      "ar_prefill", functools.partial(_ar_prefill_fn, graphdef, statics, prompt_pad, max_new),
+      (prepared.key, statics, prompt_pad, max_new), (params, tokens, knobs))
+  compile_seconds += seconds
+  state = prefill(params, tokens, knobs)
+  budget = jnp.int32(tokens_per_call or _NO_BUDGET)
+  decode, seconds = _executable(
+      "ar_decode", functools.partial(_ar_decode_fn, graphdef, statics), (prepared.key, statics),
+      (params, state, knobs, budget), donate=(1,))
+  compile_seconds += seconds
+
+  host_syncs = 0
+  room = limits - prompt_lens
+  while True:
+    state = decode(params, state, knobs, budget)
+    if tokens_per_call is None:
+      break
+    count, active = jax.device_get((state.count, state.active))
+    host_syncs += 1
+    if progress is not None:
+      progress(int(np.where(active, np.minimum(count, room), room).sum()), int(room.sum()))
+    if not active.any():
+      break
+  out, count = jax.device_get((state.out, state.count))
+  host_syncs += 1
+  stop_set = set(config.stop_ids)
+  out_tokens, finished = [], []
+  for row, n in zip(out, np.minimum(room, count)):
+    ids = row[:n].tolist()
+    end = next((i for i, t in enumerate(ids) if t in stop_set), len(ids))
+    out_tokens.append(ids[:end])
+    finished.append(end < len(ids))
+  return GenerateOutput(
+      tokens=out_tokens, finished=finished, num_forwards=int(count),
+      step_of_token=[list(range(1, len(t) + 1)) for t in out_tokens],
+      seconds=time.perf_counter() - wall_start - compile_seconds,
+      compile_seconds=compile_seconds, host_syncs=host_syncs)
+
+
+def _as_tuple(stop_ids):
+  if _is_int(stop_ids):
+    return (stop_ids,)
+  try:
+    return tuple(stop_ids)
+  except TypeError:
+    return stop_ids  # DecodeConfig names the bad value
