@@ -1,0 +1,189 @@
+"""Training throughput and model FLOPs utilisation of a gin config, objectives side by side.
+
+    python benchmarks/train_speed.py --gin_file configs/tiny_cpu.gin
+    python benchmarks/train_speed.py --gin_file configs/fast_dllm_v2_1.5b.gin \\
+        --model qwen2.5-1.5b --gin_param 'TrainConfig.mesh_shape = (-1, 1, 1)' \\
+        --gin_param 'TrainConfig.global_batch_size = 4' \\
+        --gin_param 'TrainConfig.grad_accum_steps = 1'
+
+Runs the real jitted train step of ``fdllm_jax.training.trainer`` (sharding, optimizer, remat,
+dtypes from the gin config) on random token batches with random initial weights, so neither
+data nor a checkpoint download is needed. The model is the config's ``model_config`` for
+``init="scratch"``, else ``--model`` (public Qwen2.5 shapes) or ``--model_config`` (a
+config.json). Each objective in ``--objectives`` is timed in this process; one JSON line is
+printed per measurement, then one with the ratios between them.
+
+Model FLOPs per optimizer step (the MFU numerator; remat's extra forward is not counted):
+
+    P      = non-embedding matmul parameters (q, k, v, o, gate, up, down of every layer)
+    flops  = 6 * P * S_trunk + 12 * n_layers * n_heads * head_dim * T * S_trunk   (trunk)
+           + 6 * hidden * vocab * S_head                                          (LM head)
+
+with, for N sequences of L tokens per step,
+    block_diffusion: S_trunk = 2 views x N x 2L tokens, T = 2L, S_head = 2N x L (x_t half only)
+    autoregressive:  S_trunk = N x L,                    T = L,  S_head = N x L
+and attention counted dense (every query against all T keys, as the XLA kernel computes).
+MFU = flops / step_time / (devices x peak FLOP/s); the peak is looked up from the device kind
+for the compute dtype (bf16, or TF32 for float32 on GPUs) or given with ``--peak_tflops``;
+it is null where unknown (CPU). ``tokens_per_s`` counts input tokens (N x L per step), the
+unit of the paper's token budgets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Public Qwen2.5 shapes (config.json of the Instruct checkpoints).
+PRESETS = {
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         head_dim=64, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         head_dim=128, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       head_dim=128, tie_word_embeddings=False),
+}
+
+# Dense peak FLOP/s per device: (bfloat16, float32 matmuls as executed by default).
+PEAK_FLOPS = (
+    ("H200", 989e12, 494e12),
+    ("H100", 989e12, 494e12),  # SXM; float32 matmuls run as TF32 on GPUs by default
+    ("A100", 312e12, 156e12),
+    ("L4", 121e12, 60e12),
+    ("TPU v5 lite", 197e12, 197e12),
+    ("TPU v5", 459e12, 459e12),
+    ("TPU v4", 275e12, 275e12),
+)
+
+
+def model_flops_per_step(model_config, objective: str, num_rows: int, seq_len: int) -> float:
+  c = model_config
+  d, h, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+  matmul_params = c.num_hidden_layers * (d * h * hd + 2 * d * kv * hd + h * hd * d
+                                         + 3 * d * c.intermediate_size)
+  if objective == "block_diffusion":
+    trunk_tokens = 2 * num_rows * 2 * seq_len
+    attn_len, head_tokens = 2 * seq_len, 2 * num_rows * seq_len
+  else:
+    trunk_tokens, attn_len, head_tokens = num_rows * seq_len, seq_len, num_rows * seq_len
+  return (6 * matmul_params * trunk_tokens
+          + 12 * c.num_hidden_layers * h * hd * attn_len * trunk_tokens
+          + 6 * d * c.vocab_size * head_tokens)
+
+
+def peak_flops(device, compute_dtype: str):
+  kind = getattr(device, "device_kind", "")
+  for name, bf16, f32 in PEAK_FLOPS:
+    if name.lower() in kind.lower():
+      return bf16 if compute_dtype == "bfloat16" else f32
+  return None
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--gin_file", action="append", required=True)
+  parser.add_argument("--gin_param", action="append", default=[])
+  parser.add_argument("--model", choices=sorted(PRESETS), default=None,
+                      help="model shapes when the config initialises from a checkpoint")
+  parser.add_argument("--model_config", default=None, help="an HF config.json instead")
+  parser.add_argument("--num_layers", type=int, default=None,
+                      help="override num_hidden_layers (smoke tests, per-layer scaling)")
+  parser.add_argument("--objectives", default="block_diffusion,autoregressive")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per objective")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) first")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="per-device peak for the MFU (default: looked up)")
+  args = parser.parse_args(argv)
+
+  import dataclasses
+
+  import gin
+  import jax
+  import numpy as np
+
+  from fdllm_jax import sharding
+  from fdllm_jax.config import ModelConfig
+  from fdllm_jax.training import trainer as trainer_lib
+
+  gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+  base = trainer_lib.TrainConfig()
+  if args.model_config:
+    model_config = ModelConfig.from_json_file(args.model_config)
+  elif args.model:
+    model_config = ModelConfig(**PRESETS[args.model])
+  elif base.init == "scratch":
+    fields = dict(base.model)
+    if "vocab_size" not in fields:
+      from fdllm_jax.tokenizer import load_tokenizer
+      fields["vocab_size"] = trainer_lib._round_up(load_tokenizer(base.tokenizer).vocab_size,
+                                                   base.vocab_multiple)
+    model_config = ModelConfig(**fields)
+  else:
+    parser.error("the config initialises from a checkpoint: pass --model or --model_config")
+  if args.num_layers:
+    model_config = dataclasses.replace(model_config, num_hidden_layers=args.num_layers)
+  mesh = sharding.make_mesh(base.mesh_shape)
+  devices = jax.devices()
+  peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(devices[0],
+                                                                     base.compute_dtype)
+  rng = np.random.default_rng(0)
+  shape = (base.global_batch_size, base.seq_len)
+  ids = rng.integers(0, model_config.vocab_size - 1, shape).astype(np.int32)
+  labels = ids.copy()
+  labels[:, : base.seq_len // 4] = -100  # a prompt quarter without loss
+  results = {}
+  for objective in args.objectives.split(","):
+    config = dataclasses.replace(base, objective=objective, export=False)
+    program = trainer_lib.TrainProgram(config, model_config, mesh,
+                                       mask_id=model_config.vocab_size - 1)
+    rows = sharding.process_rows(program.batch_sharding, shape)
+    batch = [sharding.global_array(x[rows], rows, program.batch_sharding, shape)
+             for x in (ids, labels)]
+    state = program.init_state()
+    params, opt_state = state["params"], state["opt_state"]
+    compile_start = time.perf_counter()
+    for step in range(args.warmup):
+      params, opt_state, metrics = program.train_step(params, opt_state, *batch, np.int32(step))
+    jax.block_until_ready(metrics)
+    warmup_s = time.perf_counter() - compile_start
+    start = time.perf_counter()
+    for step in range(args.steps):
+      params, opt_state, metrics = program.train_step(params, opt_state, *batch,
+                                                      np.int32(args.warmup + step))
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - start) / args.steps
+    flops = model_flops_per_step(model_config, objective, *shape)
+    record = {
+        "benchmark": "train_speed", "objective": objective, "device": devices[0].device_kind,
+        "num_devices": len(devices), "mesh": dict(mesh.shape), "params": model_config.num_params,
+        "global_batch_size": shape[0], "seq_len": shape[1],
+        "grad_accum_steps": config.grad_accum_steps, "compute_dtype": config.compute_dtype,
+        "remat": config.remat, "step_s": step_s, "tokens_per_s": shape[0] * shape[1] / step_s,
+        "model_tflops_per_step": flops / 1e12,
+        "model_tflops_per_s_per_device": flops / step_s / len(devices) / 1e12,
+        "mfu": flops / step_s / (len(devices) * peak) if peak else None,
+        "warmup_s": warmup_s, "loss": float(metrics["loss"]),
+    }
+    results[objective] = record
+    print(json.dumps(record), flush=True)
+    del params, opt_state, state, batch
+  names = list(results)
+  for other in names[1:]:
+    a, b = results[names[0]], results[other]
+    print(json.dumps({"benchmark": "train_speed", "ratio": f"{names[0]}/{other}",
+                      "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
+                      "step_s": a["step_s"] / b["step_s"],
+                      "model_flops_per_step": a["model_tflops_per_step"] /
+                      b["model_tflops_per_step"]}), flush=True)
+
+
+if __name__ == "__main__":
+  main()

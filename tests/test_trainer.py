@@ -1,0 +1,278 @@
+"""Trainer: exact resume after SIGKILL, atomic saves, incompatible workdirs, export, MASK rows.
+
+Heavier variants are marked slow: ``pytest -m slow tests/test_trainer.py``.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdllm_jax import sharding
+from fdllm_jax.checkpoints import load_model
+from fdllm_jax.tokenizer import load_tokenizer
+from fdllm_jax.training import make_sample_data
+from fdllm_jax.training import trainer as trainer_lib
+from tests import hf_models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["TrainConfig.num_steps = 12", "TrainConfig.checkpoint_every = 4",
+         "TrainConfig.seq_len = 64", "TrainConfig.export = False",
+         "TrainConfig.progress_bar = False", "TrainConfig.keep_checkpoints = 5"]
+
+# Runs train.py, SIGKILLing itself inside the data-state save of the N-th checkpoint (after the
+# parameters of that checkpoint were handed to orbax, before it is finalised).
+_KILL_DURING_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from fdllm_jax.training import trainer
+calls = []
+original = trainer.DataStateHandler.save
+def save(self, directory, args):
+  original(self, directory, args)
+  calls.append(directory)
+  if len(calls) == {nth}:
+    os.kill(os.getpid(), signal.SIGKILL)
+trainer.DataStateHandler.save = save
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def _cli(workdir, params=(), gin_file="configs/tiny_cpu.gin"):
+  args = ["--gin_file", gin_file, "--workdir", str(workdir)]
+  for p in list(SMALL) + list(params):
+    args += ["--gin_param", p]
+  return args
+
+
+def _run(argv, script=None, **kwargs):
+  command = ([sys.executable, "-c", script] if script else [sys.executable, "train.py"]) + argv
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def _reference_losses(tmp_path, params=()):
+  """The uninterrupted run, in this process, from the same gin files and bindings."""
+  gin.clear_config()
+  try:
+    with _cwd(REPO):
+      gin.parse_config_files_and_bindings(["configs/tiny_cpu.gin"], list(SMALL) + list(params))
+      history = trainer_lib.train(str(tmp_path / "reference"))
+  finally:
+    gin.clear_config()
+  return {h["step"]: h["loss"] for h in history}
+
+
+class _cwd:
+  def __init__(self, path):
+    self.path = path
+
+  def __enter__(self):
+    self.old = os.getcwd()
+    os.chdir(self.path)
+
+  def __exit__(self, *exc):
+    os.chdir(self.old)
+
+
+def _assert_resumed_losses_equal(workdir, reference, resumed_from):
+  metrics = trainer_lib.read_metrics(str(workdir))
+  assert [m["step"] for m in metrics] == list(range(1, 13))
+  after = {m["step"]: m["loss"] for m in metrics if m["step"] > resumed_from}
+  assert after and len(after) == 12 - resumed_from
+  for step, loss in after.items():
+    assert loss == reference[step], (step, loss, reference[step])  # bitwise
+
+
+def test_sigkill_during_a_save_then_resume_equals_uninterrupted_run(tmp_path):
+  workdir = tmp_path / "run"
+  killed = _run(_cli(workdir), script=_KILL_DURING_SAVE.format(repo=REPO, nth=2))
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  entries = os.listdir(workdir / "checkpoints")
+  assert "4" in entries and "8" not in entries
+  assert any(e.startswith("8.") and "tmp" in e for e in entries), entries  # the half-written one
+  resumed = _run(_cli(workdir))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr and "step 4" in resumed.stderr
+  reference = _reference_losses(tmp_path)
+  _assert_resumed_losses_equal(workdir, reference, resumed_from=4)
+  assert sorted(int(e) for e in os.listdir(workdir / "checkpoints") if e.isdigit()) == [4, 8, 12]
+
+
+@pytest.mark.slow
+def test_external_sigkill_at_a_random_time_then_resume(tmp_path):
+  """SIGKILL from outside once step 6 is logged (wherever the run is then), rerun, compare."""
+  workdir = tmp_path / "run"
+  command = [sys.executable, "train.py"] + _cli(workdir, ["TrainConfig.checkpoint_every = 2"])
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if metrics.exists() and sum(1 for _ in open(metrics)) >= 6:
+      break
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  steps = sorted(int(e) for e in os.listdir(workdir / "checkpoints") if e.isdigit())
+  assert steps and steps[-1] < 12
+  resumed = _run(_cli(workdir, ["TrainConfig.checkpoint_every = 2"]))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  reference = _reference_losses(tmp_path, ["TrainConfig.checkpoint_every = 2"])
+  _assert_resumed_losses_equal(workdir, reference, resumed_from=steps[-1])
+
+
+def _tiny_config(**overrides):
+  fields = dict(
+      data_files=make_sample_data.CHAT_FILE, tokenizer=make_sample_data.TOKENIZER_DIR,
+      seq_len=32, block_size=8, init="scratch",
+      model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_theta=10000.0),
+      num_steps=3, global_batch_size=8, learning_rate=3e-3, warmup_steps=0,
+      checkpoint_every=100, export=False, progress_bar=False, async_checkpointing=False)
+  fields.update(overrides)
+  return trainer_lib.TrainConfig(**fields)
+
+
+def _one_device():
+  return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def test_incompatible_checkpoint_in_workdir_is_an_error(tmp_path):
+  trainer = trainer_lib.Trainer(_tiny_config(num_steps=1), str(tmp_path), mesh=_one_device())
+  trainer.run()
+  trainer.close()
+  other = trainer_lib.Trainer(_tiny_config(num_steps=2, seq_len=64), str(tmp_path),
+                              mesh=_one_device())
+  with pytest.raises(trainer_lib.IncompatibleCheckpointError,
+                     match=r"different run.*\n.*seq_len: checkpoint 32 != this run 64"):
+    other.run()
+  other.close()
+  # A directory that is not one of our checkpoints at all.
+  foreign = tmp_path / "foreign"
+  (foreign / "checkpoints" / "7").mkdir(parents=True)
+  (foreign / "checkpoints" / "7" / "something.bin").write_bytes(b"\0" * 10)
+  stranger = trainer_lib.Trainer(_tiny_config(), str(foreign), mesh=_one_device())
+  with pytest.raises(trainer_lib.IncompatibleCheckpointError, match="not a checkpoint of this"):
+    stranger.run()
+  stranger.close()
+
+
+def test_autoregressive_objective_export_and_reload(tmp_path):
+  """Stage 1 (AR from scratch) -> export -> the exported model reproduces the trained params."""
+  config = _tiny_config(objective="autoregressive", num_steps=3, export=True)
+  trainer = trainer_lib.Trainer(config, str(tmp_path), mesh=_one_device())
+  history = trainer.run()
+  trainer.close()
+  assert [h["step"] for h in history] == [1, 2, 3]
+  assert all(np.isfinite(h["loss"]) and h["tokens_per_s"] > 0 for h in history)
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
+  exported = load_model(str(tmp_path / "export"))
+  assert exported.config.model_type == "qwen2"  # AR: a plain Qwen2 checkpoint
+  got = trainer_lib.params_of(exported)
+  want = trainer.final_state["params"]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tok = load_tokenizer(str(tmp_path / "export"))
+  assert tok.mask_id == load_tokenizer(make_sample_data.TOKENIZER_DIR).mask_id
+
+
+def _tokenizer_without_mask(directory):
+  with open(os.path.join(make_sample_data.TOKENIZER_DIR, "tokenizer.json")) as f:
+    spec = json.load(f)
+  mask = [t for t in spec["added_tokens"] if t["content"] == "|<MASK>|"][0]
+  assert mask["id"] == len(spec["model"]["vocab"]) - 1 or mask["id"] < 512
+  spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "|<MASK>|"]
+  spec["model"]["vocab"].pop("|<MASK>|", None)
+  # Renumber so the ids stay dense: MASK was id 3; move the last id into its slot.
+  vocab = spec["model"]["vocab"]
+  last_token = max(vocab, key=vocab.get)
+  vocab[last_token] = mask["id"]
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+    json.dump(spec, f)
+
+
+def test_mask_row_added_when_the_vocabulary_has_no_room(tmp_path):
+  """Stage 2 from an HF checkpoint whose vocabulary (511) has no row for MASK."""
+  ckpt = str(tmp_path / "ckpt")
+  hf_models.save_random_model(ckpt, hf_models.tiny_config("qwen2", vocab_size=511,
+                                                          hidden_size=32, intermediate_size=64,
+                                                          num_hidden_layers=1,
+                                                          num_attention_heads=2,
+                                                          num_key_value_heads=1))
+  _tokenizer_without_mask(ckpt)
+  config = _tiny_config(init="checkpoint", checkpoint=ckpt, tokenizer=None, model=None,
+                        vocab_multiple=8, num_steps=1, export=True)
+  trainer = trainer_lib.Trainer(config, str(tmp_path / "run"), mesh=_one_device())
+  assert trainer.tokenizer.mask_id == 511 and trainer.tokenizer.vocab_size == 512
+  assert trainer.model_config.vocab_size == 512  # 512 rounded to a multiple of 8
+  original = load_model(ckpt)
+  state = trainer.initial_state()
+  embedding = np.asarray(state["params"]["embed_tokens"]["embedding"])
+  old = np.asarray(original.embed_tokens.embedding[...])
+  np.testing.assert_array_equal(embedding[:511], old)
+  np.testing.assert_allclose(embedding[511], old.mean(axis=0), rtol=1e-6)
+  head = np.asarray(state["params"]["lm_head"]["kernel"])
+  np.testing.assert_allclose(head[:, 511], np.asarray(original.lm_head.kernel[...]).mean(axis=1),
+                             rtol=1e-6)
+  trainer.run()
+  trainer.close()
+  exported = load_model(str(tmp_path / "run" / "export"))
+  assert exported.config.vocab_size == 512
+  assert exported.config.model_type == "Fast_dLLM_Qwen" and exported.config.bd_size == 8
+
+
+def test_learning_rate_schedule():
+  config = _tiny_config(num_steps=100, warmup_steps=10, learning_rate=1.0, schedule="cosine",
+                        min_lr_ratio=0.1)
+  schedule = trainer_lib.learning_rate_schedule(config)
+  assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(100)) == pytest.approx(0.1)
+  constant = trainer_lib.learning_rate_schedule(_tiny_config(num_steps=100, warmup_ratio=0.03,
+                                                             warmup_steps=None,
+                                                             learning_rate=2e-5))
+  assert float(constant(1)) == pytest.approx(2e-5 / 3, rel=1e-6)
+  assert float(constant(50)) == pytest.approx(2e-5, rel=1e-6)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("seq_len", 36, "multiple of the block size"),
+    ("objective", "mdlm", "objective='mdlm' is unknown"),
+    ("init", "magic", "init='magic'"),
+    ("data_files", "", "data_files is empty"),
+    ("compute_dtype", "float16", "compute_dtype='float16' is not supported"),
+])
+def test_config_errors(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    _tiny_config(**{field: value}).validate()
+
+
+def test_batch_must_divide_over_batch_devices():
+  with pytest.raises(ValueError, match="divisible by the batch-parallel devices"):
+    trainer_lib.Trainer(_tiny_config(global_batch_size=6), "/tmp/unused",
+                        mesh=sharding.make_mesh((2, 2, 2)))
+
+
+def test_bfloat16_compute_with_remat_tracks_float32(tmp_path):
+  """bf16 matmuls on float32 master weights (plus remat) follow the float32 run closely."""
+  ref = trainer_lib.Trainer(_tiny_config(num_steps=2), str(tmp_path / "f32"), mesh=_one_device())
+  ref_losses = [h["loss"] for h in ref.run()]
+  ref.close()
+  mixed = trainer_lib.Trainer(_tiny_config(num_steps=2, compute_dtype="bfloat16", remat=True),
+                              str(tmp_path / "bf16"), mesh=_one_device())
+  losses = [h["loss"] for h in mixed.run()]
+  mixed.close()
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)
+  assert losses != ref_losses  # bf16 really was used
+  for leaf in jax.tree.leaves(mixed.final_state["params"]):
+    assert leaf.dtype == jnp.float32
