@@ -149,19 +149,9 @@ def run_preset(args, preset: str):
                              iters=args.forward_iters, attention_impl=args.attention_impl)
             for n, h in shapes.items()}
   forward = {n: timer() for n, timer in timers.items()}
-  generate_records = measure_generate(args, model, config, prompts_for(config, args))
-  # Bare forwards timed again after generation: the best of both (noisy shared machines).
-  forward = {n: min(forward[n], timer()) for n, timer in timers.items()}
-  record = dict(common, measure="forward", window32_ms=forward[32] * 1e3,
-                sub_block8_ms=forward[8] * 1e3, ar_step_ms=forward[1] * 1e3,
-                window32_over_ar=forward[32] / forward[1],
-                sub_block8_over_ar=forward[8] / forward[1], weight_bytes=wbytes)
-  if bandwidth:
-    floor = wbytes / (bandwidth * 1e9)
-    record.update(bandwidth_gbs=bandwidth, weight_floor_ms=floor * 1e3,
-                  window32_over_floor=forward[32] / floor, ar_step_over_floor=forward[1] / floor)
-  emit(record)
-  for record in generate_records:
+  emit_forward(common, forward, wbytes, bandwidth, note="before generation")
+
+  def emit_generate(record):  # printed as soon as measured: a killed run keeps what it had
     per_forward = record["ms_per_forward"] / 1e3
     if record["measure"] == "generate_ar":
       record["overhead_vs_ar_step"] = per_forward / forward[1]
@@ -172,6 +162,23 @@ def run_preset(args, preset: str):
       record["overhead_vs_sub_block8"] = per_forward / forward[8]
     emit(dict(common, **record))
 
+  measure_generate(args, model, config, prompts_for(config, args), emit_generate)
+  # Bare forwards timed again after generation: the best of both (noisy shared machines).
+  forward = {n: min(forward[n], timer()) for n, timer in timers.items()}
+  emit_forward(common, forward, wbytes, bandwidth, note="best of before and after generation")
+
+
+def emit_forward(common, forward, wbytes, bandwidth, note):
+  record = dict(common, measure="forward", note=note, window32_ms=forward[32] * 1e3,
+                sub_block8_ms=forward[8] * 1e3, ar_step_ms=forward[1] * 1e3,
+                window32_over_ar=forward[32] / forward[1],
+                sub_block8_over_ar=forward[8] / forward[1], weight_bytes=wbytes)
+  if bandwidth:
+    floor = wbytes / (bandwidth * 1e9)
+    record.update(bandwidth_gbs=bandwidth, weight_floor_ms=floor * 1e3,
+                  window32_over_floor=forward[32] / floor, ar_step_over_floor=forward[1] / floor)
+  emit(record)
+
 
 def prompts_for(config, args):
   import numpy as np
@@ -180,12 +187,11 @@ def prompts_for(config, args):
           for _ in range(args.batch)]
 
 
-def measure_generate(args, model, config, prompts):
+def measure_generate(args, model, config, prompts, on_record):
   import fdllm_jax
 
   new = args.max_new_tokens
   mask_id = config.vocab_size - 1
-  records = []
 
   def best_of(fn):
     first = fn()  # compiles (and warms up)
@@ -196,7 +202,7 @@ def measure_generate(args, model, config, prompts):
       lambda: fdllm_jax.generate_ar(model, prompts, max_new_tokens=new, stop_ids=(),
                                     attention_impl=args.attention_impl))
   ar_tps = ar.tokens_per_second
-  records.append(dict(measure="generate_ar", tokens_per_s=ar_tps, tokens=ar.num_tokens,
+  on_record(dict(measure="generate_ar", tokens_per_s=ar_tps, tokens=ar.num_tokens,
                       forwards=ar.num_forwards,
                       ms_per_forward=ar.seconds / ar.num_forwards * 1e3,
                       host_syncs_per_token=ar.host_syncs / ar.num_tokens, compile_s=compile_s))
@@ -206,14 +212,13 @@ def measure_generate(args, model, config, prompts):
                                         stop_ids=(), use_dual_cache=dual)
       out, compile_s = best_of(lambda: fdllm_jax.generate(
           model, prompts, config_d, attention_impl=args.attention_impl))
-      records.append(dict(measure="generate", threshold=threshold, dual_cache=dual,
+      on_record(dict(measure="generate", threshold=threshold, dual_cache=dual,
                           tokens_per_s=out.tokens_per_second, tokens=out.num_tokens,
                           forwards=out.num_forwards, tokens_per_forward=out.tokens_per_forward,
                           ms_per_forward=out.seconds / out.num_forwards * 1e3,
                           vs_ar_tokens_per_s=out.tokens_per_second / ar_tps,
                           host_syncs_per_token=out.host_syncs / out.num_tokens,
                           compile_s=compile_s))
-  return records
 
 
 def main(argv=None):

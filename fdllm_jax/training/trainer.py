@@ -28,6 +28,7 @@ objective on a Qwen2 model) plus the tokenizer, loadable by ``fdllm_jax.load_mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -574,7 +575,10 @@ class Trainer:
     bar = _progress_bar(config, start, enabled=self.is_main and config.progress_bar)
     history, pending, last_time = [], None, time.perf_counter()
     params, opt_state = state["params"], state["opt_state"]
+    # The mesh context lets shard_map-based attention (splash on TPU) find the mesh.
+    mesh_context = jax.set_mesh(self.mesh) if hasattr(jax, "set_mesh") else contextlib.nullcontext()
     try:
+      mesh_context.__enter__()
       for step in range(start, config.num_steps):
         input_ids, labels = self.device_batch(next(data_iter))
         params, opt_state, metrics = self.train_step(params, opt_state, input_ids, labels,
@@ -588,6 +592,7 @@ class Trainer:
         self._record(pending, last_time, tokens_per_step, history, bar)
       self.checkpoints.wait_until_finished()
     finally:
+      mesh_context.__exit__(None, None, None)
       if bar is not None:
         bar.close()
     self.final_state = {"params": params, "opt_state": opt_state}
