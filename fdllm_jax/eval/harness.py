@@ -156,32 +156,11 @@ def _row_tokens(output, rows: int, stop_ids) -> list[list[int]]:
 
 
 def plot_sweep(summaries: Sequence[dict], path: str, title: str = "") -> str:
-  """PNG of accuracy (%) against tokens/s: a line through the threshold runs (labelled by
-  threshold) and a star per AR run. Uses the Agg canvas, never a display."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(6.4, 4.4))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
-  dllm = sorted((s for s in summaries if s.get("kind") != "ar"),
-                key=lambda s: s.get("threshold") or 0.0)
-  if dllm:
-    xs, ys = [s["tokens_per_s"] for s in dllm], [100 * s["accuracy"] for s in dllm]
-    ax.plot(xs, ys, "o-", color="C0", label="block diffusion (threshold)")
-    for s, x, y in zip(dllm, xs, ys):
-      ax.annotate(f"{s.get('threshold', s['run'])}", (x, y), textcoords="offset points",
-                  xytext=(4, 4), fontsize=8)
-  for k, s in enumerate(s for s in summaries if s.get("kind") == "ar"):
-    ax.plot([s["tokens_per_s"]], [100 * s["accuracy"]], "*", markersize=14, color="C3",
-            label="autoregressive" if k == 0 else None)
-  ax.set_xlabel("tokens / s (generated tokens up to stop, wall time incl. prefill)")
-  ax.set_ylabel("accuracy (%)")
-  ax.set_title(title or "accuracy vs throughput")
-  ax.grid(True, alpha=0.3)
-  ax.legend(loc="best", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  """PNG of accuracy against tokens/s: threshold runs as a line, AR runs as stars (Agg only)."""
+  from fdllm_jax import viz
+  viz.plot_accuracy_vs_speed(
+      summaries, path, title=title or "accuracy vs throughput",
+      xlabel="tokens / s (generated tokens up to stop, wall time incl. prefill)")
   return path
 
 
