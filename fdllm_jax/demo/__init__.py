@@ -1,0 +1,26 @@
+"""The bundled demo: a small model trained on generated arithmetic word problems, AR and adapted.
+
+``models/demo/ar_base`` is the autoregressive base (stage 1, ``configs/demo_ar.gin``) and
+``models/demo/fast_dllm`` the same model after the Fast-dLLM v2 block-diffusion fine-tuning
+(stage 2, ``configs/demo_adapt.gin``); ``bash scripts/build_demo.sh`` rebuilds both.
+
+    from fdllm_jax import demo
+    model_dir = demo.FAST_DLLM_DIR        # Fast_dLLM_Qwen, bd_size 32
+    question = demo.DEMO_QUESTION         # a held-out problem, for decode.py's default run
+"""
+
+from __future__ import annotations
+
+import os
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO_DIR = os.path.join(_REPO_ROOT, "models", "demo")
+AR_BASE_DIR = os.path.join(DEMO_DIR, "ar_base")
+FAST_DLLM_DIR = os.path.join(DEMO_DIR, "fast_dllm")
+
+# A held-out problem (test split, seed 0) that decode.py solves when run without --model.
+DEMO_QUESTION = ("Lily has 4 boxes of pencils. Each box has 7 pencils. Lily gives 5 pencils to "
+                 "Noah. Lily buys 9 more pencils. How many pencils does Lily have now?")
+DEMO_ANSWER = 32
+
+__all__ = ["AR_BASE_DIR", "DEMO_ANSWER", "DEMO_DIR", "DEMO_QUESTION", "FAST_DLLM_DIR"]

@@ -1,0 +1,101 @@
+"""Copies the two trained stages into ``models/demo/`` as self-contained HF checkpoints.
+
+    python -m fdllm_jax.demo.export --ar workdirs/demo/ar/export \\
+        --adapted workdirs/demo/adapt/export --out models/demo
+
+Each directory gets ``config.json``, ``model.safetensors`` and the tokenizer files. The adapted
+model's ``config.json`` (``model_type: Fast_dLLM_Qwen``, ``bd_size``) also gets:
+
+- ``auto_map`` naming the reference's PyTorch code in the hub repository of the released
+  1.5B model (transformers' ``repo--module.Class`` form), so that
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` runs the reference's
+  ``Fast_dLLM_QwenForCausalLM`` on our weights (hub access needed; nothing of that code is
+  copied here);
+- ``mask_token_id``: the MASK id of our small vocabulary, to pass as ``mask_id`` to the
+  reference's ``generate`` (its default is Qwen2.5's 151665).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from typing import Sequence
+
+REFERENCE_REPO = "Efficient-Large-Model/Fast_dLLM_v2_1.5B"
+REFERENCE_AUTO_MAP = {
+    "AutoConfig": f"{REFERENCE_REPO}--configuration.Fast_dLLM_QwenConfig",
+    "AutoModel": f"{REFERENCE_REPO}--modeling.Fast_dLLM_QwenModel",
+    "AutoModelForCausalLM": f"{REFERENCE_REPO}--modeling.Fast_dLLM_QwenForCausalLM",
+}
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "chat_template.jinja")
+MAX_TOTAL_BYTES = 20 * 1024 * 1024
+
+
+def _copy_checkpoint(source: str, target: str) -> None:
+  for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    if not os.path.isfile(os.path.join(source, name)):
+      raise FileNotFoundError(f"{source}: no {name}; is it a finished stage's export directory?")
+  if os.path.isdir(target):
+    shutil.rmtree(target)
+  os.makedirs(target)
+  for name in FILES:
+    if os.path.isfile(os.path.join(source, name)):
+      shutil.copy2(os.path.join(source, name), os.path.join(target, name))
+
+
+def _edit_config(directory: str, edit) -> dict:
+  path = os.path.join(directory, "config.json")
+  with open(path) as f:
+    config = json.load(f)
+  edit(config)
+  with open(path, "w") as f:
+    json.dump(config, f, indent=2)
+  return config
+
+
+def export(ar_dir: str, adapted_dir: str, out_dir: str) -> dict[str, str]:
+  """Copies both stages to ``out_dir/ar_base`` and ``out_dir/fast_dllm``; returns the paths."""
+  from fdllm_jax import load_tokenizer
+
+  ar_out, adapted_out = os.path.join(out_dir, "ar_base"), os.path.join(out_dir, "fast_dllm")
+  _copy_checkpoint(ar_dir, ar_out)
+  _copy_checkpoint(adapted_dir, adapted_out)
+  tokenizer = load_tokenizer(adapted_out)
+
+  def ar_edit(config):
+    if config.get("model_type") != "qwen2":
+      raise ValueError(f"{ar_dir}: the AR base should be a qwen2 model; got "
+                       f"{config.get('model_type')!r}")
+
+  def adapted_edit(config):
+    if config.get("model_type") != "Fast_dLLM_Qwen" or not config.get("bd_size"):
+      raise ValueError(f"{adapted_dir}: the adapted model should be Fast_dLLM_Qwen with bd_size; "
+                       f"got model_type={config.get('model_type')!r}, "
+                       f"bd_size={config.get('bd_size')!r}")
+    config["auto_map"] = dict(REFERENCE_AUTO_MAP)
+    config["mask_token_id"] = tokenizer.mask_id
+
+  _edit_config(ar_out, ar_edit)
+  _edit_config(adapted_out, adapted_edit)
+  total = sum(os.path.getsize(os.path.join(d, n)) for d in (ar_out, adapted_out)
+              for n in os.listdir(d))
+  if total > MAX_TOTAL_BYTES:
+    raise ValueError(f"the two checkpoints take {total / 2**20:.1f} MiB; the bundle must stay "
+                     f"under {MAX_TOTAL_BYTES / 2**20:.0f} MiB")
+  return {"ar_base": ar_out, "fast_dllm": adapted_out, "total_mib": f"{total / 2**20:.2f}"}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description="Copies the demo's trained stages to models/demo.")
+  parser.add_argument("--ar", required=True, help="stage 1 export directory")
+  parser.add_argument("--adapted", required=True, help="stage 2 export directory")
+  parser.add_argument("--out", default="models/demo")
+  args = parser.parse_args(argv)
+  print(json.dumps(export(args.ar, args.adapted, args.out)))
+
+
+if __name__ == "__main__":
+  main()
