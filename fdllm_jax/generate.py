@@ -168,6 +168,9 @@ class GenerateOutput:
     seconds: wall time of the call, compilation excluded.
     compile_seconds: time spent compiling in this call (0.0 when every executable was cached).
     host_syncs: device-to-host round trips made while decoding.
+    confidence_of_token: per row, for each id of ``tokens``, its confidence when it was fixed:
+      the probability the model gave it under the full softmax, in that forward (``generate``).
+      None for ``generate_ar``.
   """
 
   tokens: list[list[int]]
@@ -177,6 +180,7 @@ class GenerateOutput:
   seconds: float
   compile_seconds: float
   host_syncs: int
+  confidence_of_token: list[list[float]] | None = None
 
   @property
   def num_tokens(self) -> int:
@@ -330,6 +334,7 @@ class _Knobs:
 class _DiffusionState:
   tokens: jax.Array  # int32[B, L]: prompts, decoded tokens, MASK
   step_of: jax.Array  # int32[B, L]: row step that fixed each position (0: prompt / not yet)
+  conf_of: jax.Array  # float32[B, L]: confidence of each position when it was fixed (0: not)
   cache: KVCache
   start: jax.Array  # int32 scalar: first position of the shared window
   active: jax.Array  # bool[B]
@@ -391,6 +396,7 @@ def _prefill_fn(graphdef, statics: _Statics, prefill_pad: int, params, tokens_Bx
   cache = KVCache.init(model.config, batch, total + scratch, model.dtype)
   zeros_B = jnp.zeros((batch,), jnp.int32)
   step_of = jnp.zeros((batch, total), jnp.int32)
+  conf_of = jnp.zeros((batch, total), jnp.float32)
   num_forwards = jnp.int32(0)
   prefill_len = jnp.asarray(prefill_len, jnp.int32)
   if prefill_pad:
@@ -399,18 +405,20 @@ def _prefill_fn(graphdef, statics: _Statics, prefill_pad: int, params, tokens_Bx
         kv_lengths=jnp.full((batch,), prefill_pad, jnp.int32), return_hidden=True,
         attention_impl=statics.attention_impl)
     last = jax.lax.dynamic_slice_in_dim(hidden, prefill_len - 1, 1, axis=1)[:, 0]
-    first, _ = sampling.greedy(model.logits(last), knobs.mask_id)
+    first, first_conf = sampling.greedy(model.logits(last), knobs.mask_id)
     takes = knobs.prompt_lens == prefill_len  # the prompt ends here: a generated position
     column = jax.lax.dynamic_slice_in_dim(tokens_BxL, prefill_len, 1, axis=1)[:, 0]
     tokens_BxL = jax.lax.dynamic_update_slice_in_dim(
         tokens_BxL, jnp.where(takes, first, column)[:, None], prefill_len, axis=1)
     step_of = jax.lax.dynamic_update_slice_in_dim(
         step_of, takes.astype(jnp.int32)[:, None], prefill_len, axis=1)
+    conf_of = jax.lax.dynamic_update_slice_in_dim(
+        conf_of, jnp.where(takes, first_conf, 0.0)[:, None], prefill_len, axis=1)
     zeros_B = takes.astype(jnp.int32)
     num_forwards = jnp.int32(1)
   cache = cache.replace(lengths=jnp.full((batch,), prefill_len, jnp.int32))
   state = _DiffusionState(
-      tokens=tokens_BxL, step_of=step_of, cache=cache, start=prefill_len,
+      tokens=tokens_BxL, step_of=step_of, conf_of=conf_of, cache=cache, start=prefill_len,
       active=jnp.ones((batch,), bool), finished=jnp.zeros((batch,), bool),
       block_valid=jnp.zeros((batch,), bool), row_steps=zeros_B, num_forwards=num_forwards)
   return _update_status(state, knobs, statics.block_size)
@@ -471,16 +479,17 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
 
   def heads(hidden_BxWxD, sub_B, row_steps):
     """From a window forward: (ids, conf) for the row's sub-block (token shift: the logit of
-    position i comes from i - 1, position 0 keeps its own) and the greedy next-block token."""
+    position i comes from i - 1, position 0 keeps its own) and the greedy next-block token with
+    its confidence."""
     source = jnp.maximum(sub_B[:, None] * S + arange_S[None] - 1, 0)
     source = jnp.concatenate([source, jnp.full((batch, 1), W - 1, jnp.int32)], axis=1)
     picked = jnp.take_along_axis(hidden_BxWxD, source[:, :, None], axis=1)  # [B, S + 1, D]
     if statics.greedy:
       ids, conf = sampling.greedy(model.logits(picked), knobs.mask_id)
-      return ids[:, :S], conf[:, :S], ids[:, S]
+      return ids[:, :S], conf[:, :S], ids[:, S], conf[:, S]
     ids, conf = _choose(model, picked[:, :S], knobs, row_steps, statics)
-    nxt, _ = sampling.greedy(model.logits(picked[:, S]), knobs.mask_id)
-    return ids, conf, nxt
+    nxt, nxt_conf = sampling.greedy(model.logits(picked[:, S]), knobs.mask_id)
+    return ids, conf, nxt, nxt_conf
 
   def needs(state):
     """Window, MASK candidates, each row's sub-block, rows that step, whether to commit."""
@@ -505,14 +514,17 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
     fix = candidate & ((conf_W > knobs.threshold) | (arange_W[None] == best[:, None]))
     row_steps = state.row_steps + stepping.astype(jnp.int32)
     old_steps = jax.lax.dynamic_slice_in_dim(state.step_of, start, W, axis=1)
+    old_conf = jax.lax.dynamic_slice_in_dim(state.conf_of, start, W, axis=1)
     return state.replace(
         tokens=jax.lax.dynamic_update_slice_in_dim(
             state.tokens, jnp.where(fix, gather(ids), window), start, axis=1),
         step_of=jax.lax.dynamic_update_slice_in_dim(
             state.step_of, jnp.where(fix, row_steps[:, None], old_steps), start, axis=1),
+        conf_of=jax.lax.dynamic_update_slice_in_dim(
+            state.conf_of, jnp.where(fix, gather(conf), old_conf), start, axis=1),
         row_steps=row_steps)
 
-  def commit(state, is_commit, nxt):
+  def commit(state, is_commit, nxt, nxt_conf):
     """The forward wrote the clean window's K/V; its last logit is the next block's first
     token. When committing, pos < every active row's limit <= the buffer length."""
     pos = state.start + W
@@ -522,12 +534,15 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
     pos_c = jnp.minimum(pos, state.tokens.shape[1] - 1)
     column = jax.lax.dynamic_slice_in_dim(state.tokens, pos_c, 1, axis=1)[:, 0]
     column_steps = jax.lax.dynamic_slice_in_dim(state.step_of, pos_c, 1, axis=1)[:, 0]
+    column_conf = jax.lax.dynamic_slice_in_dim(state.conf_of, pos_c, 1, axis=1)[:, 0]
     start = jnp.where(is_commit, pos, state.start)
     return state.replace(
         tokens=jax.lax.dynamic_update_slice_in_dim(
             state.tokens, jnp.where(takes, nxt, column)[:, None], pos_c, axis=1),
         step_of=jax.lax.dynamic_update_slice_in_dim(
             state.step_of, jnp.where(takes, row_steps, column_steps)[:, None], pos_c, axis=1),
+        conf_of=jax.lax.dynamic_update_slice_in_dim(
+            state.conf_of, jnp.where(takes, nxt_conf, column_conf)[:, None], pos_c, axis=1),
         start=start, row_steps=row_steps,
         cache=state.cache.replace(lengths=jnp.full((batch,), start, jnp.int32)))
 
@@ -544,11 +559,11 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
       keeps = stepping | is_commit
       write_start = jnp.where(keeps, start, start + W)
     hidden, cache = forward(window, state.cache, write_start, start)
-    ids, conf, nxt = heads(hidden, sub_B, state.row_steps)
+    ids, conf, nxt, nxt_conf = heads(hidden, sub_B, state.row_steps)
     state = denoise(state.replace(cache=cache, num_forwards=state.num_forwards + 1),
                     window, masked, sub_B, stepping, ids, conf)
     state = state.replace(block_valid=(state.block_valid | stepping) & ~is_commit)
-    return _update_status(commit(state, is_commit, nxt), knobs, W), is_commit
+    return _update_status(commit(state, is_commit, nxt, nxt_conf), knobs, W), is_commit
 
   def sub_block_iteration(state):
     """One S-token forward for the rows whose sub-block head is decoded (DualCache)."""
@@ -672,26 +687,29 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
       progress(int(done.sum()), total_positions)
     if not active.any():
       break
-  tokens_out, step_of, finished, num_forwards = jax.device_get(
-      (state.tokens, state.step_of, state.finished, state.num_forwards))
+  tokens_out, step_of, conf_of, finished, num_forwards = jax.device_get(
+      (state.tokens, state.step_of, state.conf_of, state.finished, state.num_forwards))
   host_syncs += 1
-  out_tokens, out_steps = _cut(tokens_out, step_of, prompt_lens, limits, config.stop_ids,
-                               config.mask_id)
+  out_tokens, out_steps, out_conf = _cut(tokens_out, step_of, conf_of, prompt_lens, limits,
+                                         config.stop_ids, config.mask_id)
   return GenerateOutput(
       tokens=out_tokens, finished=[bool(f) for f in finished], num_forwards=int(num_forwards),
       step_of_token=out_steps, seconds=time.perf_counter() - wall_start - compile_seconds,
-      compile_seconds=compile_seconds, host_syncs=host_syncs)
+      compile_seconds=compile_seconds, host_syncs=host_syncs, confidence_of_token=out_conf)
 
 
-def _cut(tokens_BxL, step_of_BxL, prompt_lens, limits, stop_ids, mask_id):
-  out_tokens, out_steps = [], []
+def _cut(tokens_BxL, step_of_BxL, conf_of_BxL, prompt_lens, limits, stop_ids, mask_id):
+  """Per row: generated ids up to the first stop (or MASK), their steps and confidences."""
+  out_tokens, out_steps, out_conf = [], [], []
   stops = set(stop_ids)
-  for row, steps, p, limit in zip(tokens_BxL, step_of_BxL, prompt_lens, limits):
+  for row, steps, conf, p, limit in zip(tokens_BxL, step_of_BxL, conf_of_BxL, prompt_lens,
+                                        limits):
     ids = row[p:limit].tolist()
     end = next((i for i, t in enumerate(ids) if t in stops or t == mask_id), len(ids))
     out_tokens.append(ids[:end])
     out_steps.append(steps[p:p + end].tolist())
-  return out_tokens, out_steps
+    out_conf.append([float(c) for c in conf[p:p + end]])
+  return out_tokens, out_steps, out_conf
 
 
 # ---------------------------------------------------------------------------------- AR baseline

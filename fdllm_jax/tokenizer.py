@@ -69,13 +69,44 @@ def load_tokenizer(path: str) -> Tokenizer:
   from fdllm_jax.checkpoints import resolve_checkpoint_dir
 
   directory = resolve_checkpoint_dir(path)
+  tokenizer_file = os.path.join(directory, "tokenizer.json")
   if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
     hf = AutoTokenizer.from_pretrained(directory)
-  elif os.path.isfile(os.path.join(directory, "tokenizer.json")):
-    hf = PreTrainedTokenizerFast(tokenizer_file=os.path.join(directory, "tokenizer.json"))
+    if os.path.isfile(tokenizer_file):
+      _restore_pipeline(hf, tokenizer_file)
+  elif os.path.isfile(tokenizer_file):
+    hf = PreTrainedTokenizerFast(tokenizer_file=tokenizer_file)
   else:
     raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer_config.json")
   return wrap_hf_tokenizer(hf)
+
+
+_PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "decoder")
+
+
+def _restore_pipeline(hf, tokenizer_file: str) -> None:
+  """Makes ``hf`` split text exactly as ``tokenizer.json`` says.
+
+  transformers 5 picks the tokenizer class from ``config.json``'s model type and a model-specific
+  class rebuilds its own pre-tokenizer: a checkpoint with ``model_type: qwen2`` gets Qwen2's
+  regex, which splits " 5" into " " and "5" where the file (our demo tokenizer) keeps " 5" whole.
+  A model trained with the file's splitting then reads prompts it never saw. The file is the
+  source of truth: its normalizer, pre-tokenizer and decoder replace the rebuilt ones.
+  """
+  import tokenizers
+
+  backend = getattr(hf, "backend_tokenizer", None)
+  if backend is None:  # a slow (Python) tokenizer: nothing to restore
+    return
+  with open(tokenizer_file, encoding="utf-8") as f:
+    wanted = json.load(f)
+  loaded = json.loads(backend.to_str())
+  if all(loaded.get(part) == wanted.get(part) for part in _PIPELINE_PARTS):
+    return
+  original = tokenizers.Tokenizer.from_file(tokenizer_file)
+  for part in _PIPELINE_PARTS:
+    if loaded.get(part) != wanted.get(part):
+      setattr(backend, part, getattr(original, part))
 
 
 def wrap_hf_tokenizer(hf) -> Tokenizer:

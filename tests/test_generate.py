@@ -77,9 +77,12 @@ def _window_stopped(seq, lo, hi, stop_ids):
 
 
 def _finish(seq, steps, prompt_len, limit, stop_ids, forwards, finished):
+  """(tokens, steps, finished, forwards, confidences); ``steps`` maps position -> (step, conf)."""
   generated = seq[prompt_len:limit]
   end = next((i for i, t in enumerate(generated) if t in stop_ids or t == MASK), len(generated))
-  return generated[:end], [steps[prompt_len + i] for i in range(end)], finished, forwards
+  fixed = [steps[prompt_len + i] for i in range(end)]
+  return (generated[:end], [step for step, _ in fixed], finished, forwards,
+          [conf for _, conf in fixed])
 
 
 def reference_no_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(STOP,)):
@@ -95,7 +98,7 @@ def reference_no_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(ST
     if P == start:
       row_step += 1
       seq.append(_argmax_no_mask(logits[-1])[0])
-      steps[P] = row_step
+      steps[P] = row_step, _argmax_no_mask(logits[-1])[1]
   while True:
     seq = seq + [MASK] * (start + BLOCK - len(seq))
     lo, hi = max(start, P), min(start + BLOCK, limit)
@@ -115,7 +118,7 @@ def reference_no_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(ST
         for i in candidates:
           if choices[i][1] > threshold or i == best:
             seq[i] = choices[i][0]
-            steps[i] = row_step
+            steps[i] = row_step, choices[i][1]
     if _window_stopped(seq, lo, hi, stop_ids):
       return _finish(seq, steps, P, limit, stop_ids, forwards, True)
     if start + BLOCK >= limit:
@@ -124,7 +127,7 @@ def reference_no_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(ST
     forwards += 1
     row_step += 1
     seq.append(_argmax_no_mask(logits[-1])[0])
-    steps[start + BLOCK] = row_step
+    steps[start + BLOCK] = row_step, _argmax_no_mask(logits[-1])[1]
     start += BLOCK
 
 
@@ -151,7 +154,7 @@ def reference_dual_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(
     if P == start:
       row_step += 1
       seq.append(_argmax_no_mask(np.asarray(logits)[0, -1])[0])
-      steps[P] = row_step
+      steps[P] = row_step, _argmax_no_mask(np.asarray(logits)[0, -1])[1]
   while True:
     seq = seq + [MASK] * (start + BLOCK - len(seq))
     lo, hi = max(start, P), min(start + BLOCK, limit)
@@ -181,7 +184,7 @@ def reference_dual_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(
         for i in candidates:
           if choices[i][1] > threshold or i == best:
             seq[i] = choices[i][0]
-            steps[i] = row_step
+            steps[i] = row_step, choices[i][1]
     if _window_stopped(seq, lo, hi, stop_ids):
       return _finish(seq, steps, P, limit, stop_ids, forwards, True)
     if start + BLOCK >= limit:
@@ -191,15 +194,17 @@ def reference_dual_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(
     forwards += 1
     row_step += 1
     seq.append(_argmax_no_mask(np.asarray(logits)[0, -1])[0])
-    steps[start + BLOCK] = row_step
+    steps[start + BLOCK] = row_step, _argmax_no_mask(np.asarray(logits)[0, -1])[1]
     start += BLOCK
 
 
 def _assert_same(out, row, ref):
-  tokens, steps, finished, _ = ref
+  tokens, steps, finished, _, confidences = ref
   assert out.tokens[row] == tokens
   assert out.step_of_token[row] == steps
   assert out.finished[row] == finished
+  # the confidence each token had when fixed: the softmax probability of that forward
+  np.testing.assert_allclose(out.confidence_of_token[row], confidences, rtol=1e-4, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------- exactness

@@ -67,3 +67,26 @@ def test_bad_chat_message(qwen_tokenizer):
 def test_directory_without_tokenizer(tmp_path):
   with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
     fdllm_jax.load_tokenizer(str(tmp_path))
+
+
+def test_tokenizer_json_splitting_survives_a_qwen2_config(tmp_path):
+  """transformers picks Qwen2Tokenizer from config.json's model type and rebuilds Qwen2's
+  pre-tokenizer; load_tokenizer must still split text as tokenizer.json says (the demo
+  tokenizer keeps " 5" as one token, Qwen2's regex splits it into " " and "5")."""
+  import tokenizers
+
+  from fdllm_jax.demo import tokenizer_train
+
+  texts = [f"Mia has {n} apples and {n + 3} pears.\nThe answer is \\boxed{{{n}}}."
+           for n in range(40)]
+  trained = tokenizer_train.train_tokenizer(texts, vocab_size=300)
+  directory = str(tmp_path / "ckpt")
+  tokenizer_train.save_tokenizer(trained, directory)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, f)
+  tok = fdllm_jax.load_tokenizer(directory)
+  reference = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+  text = "Mia has 5 apples and 12 pears.\nThe answer is \\boxed{17}."
+  assert tok.encode(text) == reference.encode(text).ids
+  assert "\u01205" in [tok.hf.convert_ids_to_tokens(i) for i in tok.encode(text)]  # " 5" whole
+  assert tok.decode(tok.encode(text)) == text
