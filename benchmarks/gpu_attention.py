@@ -477,7 +477,8 @@ class Bench:
           if "pallas" not in self.impls:
             continue
           from pallas_kernels import block_kernel as bk
-          todo = [("pallas[t64]", bk.Tiling(64, 64, 64, 64, 64, 64, 4, 4, 2)),
+          # pallas[q128w8]: the defaults before the H200 run of session 1 (for comparison)
+          todo = [("pallas[q128w8]", bk.Tiling(128, 64, 64, 64, 64, 64, 8, 8, 2)),
                   ("pallas[bwd32]", bk.Tiling(dq_q=64, dq_k=32, dkv_q=32, dkv_k=64,
                                               bwd_warps=4)),
                   ("pallas[s3]", bk.Tiling(num_stages=3))]
@@ -643,7 +644,7 @@ class Bench:
         rec.update(splits=p.num_splits, tile_r=p.tile_r, tile_k=p.tile_k,
                    programs=p.num_programs,
                    num_warps=opts.get("num_warps") or wk.default_num_warps(p),
-                   num_stages=opts.get("num_stages", 2))
+                   num_stages=opts.get("num_stages") or wk.default_num_stages(p))
       if self.peak_gbps:
         rec["pct_peak_gbps"] = 100 * rec["gbps"] / self.peak_gbps
       if self.peak_tflops:

@@ -236,16 +236,22 @@ def visited_key_tiles(kind, num_queries, num_keys, block_size, tile_q, tile_k) -
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-  """Tile sizes (powers of two >= 16) and Triton launch parameters for the three passes."""
+  """Tile sizes (powers of two >= 16) and Triton launch parameters for the three passes.
 
-  fwd_q: int = 128
+  The defaults were measured on an H200 (bf16, 12q/2kv heads, D 128, training mask at 8k
+  tokens, benchmarks/gpu_attention.py): 64 x 64 tiles with 4 warps in every pass ran the
+  forward + backward 1.71x faster than 128-query forward tiles with 8 warps (2.97 ms vs
+  5.08 ms; 3.16x the cudnn path).
+  """
+
+  fwd_q: int = 64
   fwd_k: int = 64
   dq_q: int = 64
   dq_k: int = 64
   dkv_q: int = 64
   dkv_k: int = 64
-  fwd_warps: int = 8
-  bwd_warps: int = 8
+  fwd_warps: int = 4
+  bwd_warps: int = 4
   num_stages: int = 2
 
   def __post_init__(self):
@@ -254,9 +260,9 @@ class Tiling:
 
 
 def default_tiling(head_dim: int) -> Tiling:
-  """Defaults for bf16 on Hopper-class GPUs; smaller warps count for small heads."""
-  if cm.padded_head_dim(head_dim) <= 64:
-    return Tiling(fwd_warps=4, bwd_warps=4)
+  """Defaults for bf16 on Hopper-class GPUs; one tiling for every head size today (the 4-warp
+  64 x 64 tiles measured best at D 128 were already the choice for D <= 64)."""
+  del head_dim
   return Tiling()
 
 

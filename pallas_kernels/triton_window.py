@@ -139,7 +139,7 @@ def build_kernel():
 
 def triton_window_attention(q, k, v, kv_lengths, *, sm_scale: float | None = None,
                             plan: wk.DecodePlan | None = None,
-                            num_warps: int | None = None, num_stages: int = 2):
+                            num_warps: int | None = None, num_stages: int | None = None):
   """``window_kernel.window_attention`` with the split kernel written in Triton (GPU only)."""
   jt = import_jax_triton()
   kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
@@ -149,6 +149,7 @@ def triton_window_attention(q, k, v, kv_lengths, *, sm_scale: float | None = Non
   plan = plan or wk.decode_plan(batch, window, hq, hkv, d, smax)
   wk._check_plan(plan, q, k)  # noqa: SLF001
   num_warps = num_warps or wk.default_num_warps(plan)
+  num_stages = num_stages or wk.default_num_stages(plan)
   scale = float(d ** -0.5 if sm_scale is None else sm_scale)
   kv_lengths = jnp.clip(kv_lengths, 0, smax)   # the kernel never reads past the cache
   qp = wk.pack_queries(q, plan)

@@ -77,7 +77,7 @@ def test_visited_tiles_match_dense_mask(kind, t, s, block_size, tile_q, tile_k):
 
 
 def test_training_mask_at_4096_skips_three_quarters():
-  """2L = 4096, block 32, the GPU default tiles (128 x 64 forward, 64 x 64 backward)."""
+  """2L = 4096, block 32, the GPU default tiles (64 x 64 in every pass)."""
   t, block_size = 4096, 32
   tiling = bk.Tiling()
   allowed = masks.dense(masks.Training(block_size, t // 2), t, t)

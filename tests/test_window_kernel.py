@@ -28,7 +28,12 @@ def test_decode_plan_covers_the_cache(batch, window, hq, hkv, smax):
   plan = wk.decode_plan(batch, window, hq, hkv, 128, smax)
   assert plan.rows == window * (hq // hkv) <= plan.rows_pad
   assert plan.rows_pad % plan.tile_r == 0 and cm.is_pow2(plan.tile_r)
-  assert (plan.rows_pad - plan.rows) * 8 <= plan.rows_pad or plan.tile_r == 16
+  # One row tile holds every packed row (K/V read once), up to 256 rows; at most 64 rows when
+  # batch x KV heads is too small to fill the GPU without more row tiles.
+  cap = wk.MAX_TILE_R if batch * hkv >= 8 else 64
+  assert plan.tile_r == min(max(16, 1 << (plan.rows - 1).bit_length()), cap)
+  assert plan.num_row_tiles == -(-plan.rows // plan.tile_r)
+  assert plan.tile_k == (128 if plan.tile_r > 128 else 64) or plan.tile_k > smax // 2
   assert plan.chunk % plan.tile_k == 0
   # The splits tile [0, Smax) exactly: none empty by construction, none missing.
   assert (plan.num_splits - 1) * plan.chunk < smax <= plan.num_splits * plan.chunk
