@@ -1,10 +1,17 @@
 """Generates text with a Fast-dLLM v2 model (block diffusion) or autoregressively (``--ar``).
 
+    python decode.py                      # the bundled demo: Fast-dLLM v2 against its AR base
+    python decode.py --prompt "Mia has 3 bags of apples. ..."   # the demo models, your problem
     python decode.py --model PATH_OR_HUB_ID --prompt "What is 7 * 8?" --chat \\
         [--threshold 0.9] [--max_new_tokens 256] [--dual_cache] [--ar] [--show_steps] \\
         [--gin_file configs/X.gin] [--gin_param 'DecodeConfig.sub_block_size = 4']
 
-Prints the generated text, then tokens/s, tokens per forward and forwards. Gin binds any
+Without ``--model`` it runs the bundled demo models (``models/demo``; ``fdllm_jax.demo``): the
+adapted model with ``generate`` and its AR base with ``generate_ar`` on the same chat prompt
+(a held-out problem unless ``--prompt`` is given), each timed after a compiling warm-up call,
+and prints both answers with tokens/s, tokens per forward and forwards.
+
+With ``--model`` it prints the generated text, then tokens/s, tokens per forward and forwards. Gin binds any
 ``DecodeConfig`` field; explicit flags override gin. ``--prompt`` may be repeated (one batch).
 A progress bar (on a terminal) follows the generation: the device loop runs a few blocks per
 call and reports in between, so there is no host round trip per step.
@@ -20,10 +27,11 @@ import sys
 
 def parse_args(argv):
   p = argparse.ArgumentParser(description="Fast-dLLM v2 decoding (block diffusion or AR).")
-  p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+  p.add_argument("--model", default=None,
+                 help="checkpoint directory or hub id (default: the bundled demo models)")
   p.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default: --model)")
-  p.add_argument("--prompt", action="append", required=True,
-                 help="the prompt text; repeat for a batch")
+  p.add_argument("--prompt", action="append", default=None,
+                 help="the prompt text; repeat for a batch (required with --model)")
   p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   p.add_argument("--system", default=None, help="system message for --chat")
   p.add_argument("--threshold", type=float, default=None)
@@ -102,18 +110,24 @@ def decode_config(args, tokenizer):
   return dataclasses.replace(config, **overrides)
 
 
-def _run(args) -> int:
+def _resolve_dtype(name: str) -> str:
   import jax
+  if name == "auto":
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return name
 
+
+def _run(args) -> int:
   import fdllm_jax
   from fdllm_jax import viz
 
+  if args.model is None:
+    return _run_demo(args)
+  if not args.prompt:
+    raise ValueError("--prompt is required with --model (without --model the bundled demo runs)")
   tokenizer = fdllm_jax.load_tokenizer(args.tokenizer or args.model)
   config = decode_config(args, tokenizer)
-  dtype = args.dtype
-  if dtype == "auto":
-    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  model = fdllm_jax.load_model(args.model, dtype=dtype)
+  model = fdllm_jax.load_model(args.model, dtype=_resolve_dtype(args.dtype))
   if args.chat:
     def encode(text):
       messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -154,6 +168,58 @@ def _run(args) -> int:
   print(f"[{mode}] {out.num_tokens} tokens in {out.seconds:.2f} s: "
         f"{out.tokens_per_second:.1f} tokens/s, {out.tokens_per_forward:.2f} tokens/forward, "
         f"{out.num_forwards} forwards (compile {out.compile_seconds:.1f} s)", flush=True)
+  return 0
+
+
+def _run_demo(args) -> int:
+  """The bundled demo: the adapted model and its AR base on the same chat prompts."""
+  import fdllm_jax
+  from fdllm_jax import demo, viz
+  from fdllm_jax.demo import task
+
+  for directory in (demo.FAST_DLLM_DIR, demo.AR_BASE_DIR):
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+      raise FileNotFoundError(f"no demo model in {directory}: pass --model, or rebuild the demo "
+                              "with `bash scripts/build_demo.sh`")
+  if args.ar:
+    raise ValueError("--ar needs --model; without --model both engines run")
+  tokenizer = fdllm_jax.load_tokenizer(demo.FAST_DLLM_DIR)
+  config = decode_config(args, tokenizer)
+  dtype = _resolve_dtype(args.dtype)
+  adapted = fdllm_jax.load_model(demo.FAST_DLLM_DIR, dtype=dtype)
+  ar_base = fdllm_jax.load_model(demo.AR_BASE_DIR, dtype=dtype)
+  questions = args.prompt or [demo.DEMO_QUESTION]
+  prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+  runs = {
+      "Fast-dLLM v2": lambda: fdllm_jax.generate(adapted, prompts, config,
+                                                 attention_impl=args.attention_impl),
+      "AR base": lambda: fdllm_jax.generate_ar(
+          ar_base, prompts, max_new_tokens=config.max_new_tokens, stop_ids=config.stop_ids,
+          max_length=config.max_length, attention_impl=args.attention_impl),
+  }
+  outs = {}
+  for name, run in runs.items():
+    compile_seconds = run().compile_seconds  # warm-up: compiles this batch's shapes
+    outs[name] = run()
+    outs[name].compile_seconds = compile_seconds
+  mode = f"threshold {config.threshold}" + (", DualCache" if config.use_dual_cache else "")
+  for row, question in enumerate(questions):
+    print(f"Q: {question}")
+    for name, out in outs.items():
+      tokens, steps = out.tokens[row], out.step_of_token[row]
+      text = (viz.render_steps_ansi(tokenizer, tokens, steps)
+              if args.show_steps and name == "Fast-dLLM v2" else tokenizer.decode(tokens))
+      answer = task.extract_answer(tokenizer.decode(tokens))
+      print(f"\n[{name}] answer {answer}:\n{text}")
+    print()
+  for name, out in outs.items():
+    label = f"{name} ({mode})" if name == "Fast-dLLM v2" else f"{name} (generate_ar)"
+    print(f"{label:40s} {out.num_tokens:4d} tokens in {out.seconds * 1e3:7.1f} ms: "
+          f"{out.tokens_per_second:7.1f} tokens/s, {out.tokens_per_forward:5.2f} tokens/forward, "
+          f"{out.num_forwards:3d} forwards (compile {out.compile_seconds:.1f} s)")
+  diff, ar = outs["Fast-dLLM v2"], outs["AR base"]
+  print(f"speed-up over AR: {diff.tokens_per_second / ar.tokens_per_second:.2f}x tokens/s, "
+        f"{ar.num_forwards / diff.num_forwards:.2f}x fewer forwards", flush=True)
   return 0
 
 

@@ -65,13 +65,22 @@ def load_tokenizer(path: str) -> Tokenizer:
   151665, the id Fast-dLLM v2 was trained with.
   """
   from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy import, kept local
+  from transformers.utils import logging as hf_logging
 
   from fdllm_jax.checkpoints import resolve_checkpoint_dir
 
   directory = resolve_checkpoint_dir(path)
   tokenizer_file = os.path.join(directory, "tokenizer.json")
   if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
-    hf = AutoTokenizer.from_pretrained(directory)
+    # Never run code named by config.json (a Fast_dLLM_Qwen checkpoint names the reference's
+    # modeling code in auto_map; without this, transformers stops to ask on a terminal), and
+    # keep its warning that config.json's model type is unknown to it: irrelevant to a tokenizer.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+      hf = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    finally:
+      hf_logging.set_verbosity(previous)
     if os.path.isfile(tokenizer_file):
       _restore_pipeline(hf, tokenizer_file)
   elif os.path.isfile(tokenizer_file):

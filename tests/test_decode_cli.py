@@ -78,6 +78,18 @@ def test_errors_are_readable(model_dir, capsys, argv, message):
   assert code == 2 and re.search(message, err), err
 
 
+def test_model_without_prompt_is_an_error(model_dir, capsys):
+  code, _, err = _run(capsys, "--model", model_dir)
+  assert code == 2 and "--prompt is required with --model" in err, err
+
+
+def test_demo_mode_names_the_missing_bundle(monkeypatch, tmp_path, capsys):
+  from fdllm_jax import demo
+  monkeypatch.setattr(demo, "FAST_DLLM_DIR", str(tmp_path / "fast_dllm"))
+  code, _, err = _run(capsys)
+  assert code == 2 and "no demo model in" in err and "build_demo.sh" in err, err
+
+
 def test_token_pieces_rebuild_the_text():
   tok = fdllm_jax.load_tokenizer(tokenizer_lib.qwen25_tokenizer_dir())
   ids = tok.encode("Grüße, 世界! ∑x²")

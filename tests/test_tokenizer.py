@@ -69,10 +69,18 @@ def test_directory_without_tokenizer(tmp_path):
     fdllm_jax.load_tokenizer(str(tmp_path))
 
 
-def test_tokenizer_json_splitting_survives_a_qwen2_config(tmp_path):
+@pytest.mark.parametrize("config", [
+    {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
+    {"model_type": "Fast_dLLM_Qwen", "bd_size": 32,
+     "auto_map": {"AutoConfig": "Efficient-Large-Model/Fast_dLLM_v2_1.5B--configuration."
+                                "Fast_dLLM_QwenConfig"}},
+], ids=["qwen2", "fast_dllm_auto_map"])
+def test_tokenizer_json_splitting_survives_the_model_config(tmp_path, config):
   """transformers picks Qwen2Tokenizer from config.json's model type and rebuilds Qwen2's
   pre-tokenizer; load_tokenizer must still split text as tokenizer.json says (the demo
-  tokenizer keeps " 5" as one token, Qwen2's regex splits it into " " and "5")."""
+  tokenizer keeps " 5" as one token, Qwen2's regex splits it into " " and "5"). A config whose
+  auto_map names remote code (our exported Fast_dLLM_Qwen checkpoints) loads offline without
+  running or asking to run that code."""
   import tokenizers
 
   from fdllm_jax.demo import tokenizer_train
@@ -83,7 +91,7 @@ def test_tokenizer_json_splitting_survives_a_qwen2_config(tmp_path):
   directory = str(tmp_path / "ckpt")
   tokenizer_train.save_tokenizer(trained, directory)
   with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, f)
+    json.dump(config, f)
   tok = fdllm_jax.load_tokenizer(directory)
   reference = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
   text = "Mia has 5 apples and 12 pears.\nThe answer is \\boxed{17}."
