@@ -18,9 +18,10 @@ DEMO_DIR = os.path.join(_REPO_ROOT, "models", "demo")
 AR_BASE_DIR = os.path.join(DEMO_DIR, "ar_base")
 FAST_DLLM_DIR = os.path.join(DEMO_DIR, "fast_dllm")
 
-# A held-out problem (test split, seed 0) that decode.py solves when run without --model.
-DEMO_QUESTION = ("Lily has 4 boxes of pencils. Each box has 7 pencils. Lily gives 5 pencils to "
-                 "Noah. Lily buys 9 more pencils. How many pencils does Lily have now?")
-DEMO_ANSWER = 32
+# A held-out problem (test split, seed 0: ``task.generate("test", 40, 0)[26]``) that both bundled
+# models solve, in both decoding engines; decode.py's default run.
+DEMO_QUESTION = ("Lily has 2 jars of cookies. Each jar has 8 cookies. Then the number of cookies "
+                 "Lily has doubles. Lily buys 6 more cookies. How many cookies does Lily have now?")
+DEMO_ANSWER = 38
 
 __all__ = ["AR_BASE_DIR", "DEMO_ANSWER", "DEMO_DIR", "DEMO_QUESTION", "FAST_DLLM_DIR"]
