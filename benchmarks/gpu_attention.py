@@ -68,6 +68,12 @@ def emit(record):
       f.write(line + "\n")
 
 
+def environment_line(rec) -> str:
+  """The summary's first line, from an ``env`` record."""
+  return (f"device {rec.get('device')} jax {rec.get('jax')} triton {rec.get('triton')} "
+          f"jax_triton {str(rec.get('jax_triton'))[:80]}")
+
+
 def guarded(section, name):
   """Decorator: run, and on error print the traceback and emit an error record."""
   def wrap(fn):
@@ -715,8 +721,7 @@ class Bench:
           flush=True)
     for rec in RECORDS:
       if rec.get("section") == "env":
-        print(f"device {rec.get('device')} jax {rec.get('jax')} triton {rec.get('triton')} "
-              f"jax_triton {str(rec.get('jax_triton'))[:80]}")
+        print(environment_line(rec))
       if rec.get("section") == "ceilings" and "name" in rec:
         print(f"ceiling {rec['name']}: " + (f"{rec['tflops']:.0f} TFLOP/s"
               if "tflops" in rec else f"{rec.get('gbps', 0):.0f} GB/s (read+write)"))

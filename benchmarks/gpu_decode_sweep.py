@@ -694,8 +694,7 @@ class Sweep:
           flush=True)
     for rec in RECORDS:
       if rec.get("section") == "env":
-        print(f"device {rec.get('device')} jax {rec.get('jax')} triton {rec.get('triton')} "
-              f"jax_triton {str(rec.get('jax_triton'))[:60]}")
+        print(ga.environment_line(rec))
     print(f"ceilings: {self.bench.peak_tflops or nan:.0f} TFLOP/s bf16 matmul, "
           f"{self.bench.peak_gbps or nan:.0f} GB/s copy (read+write)")
     cols = ("config", "us", "GB/s", "%bw", "%roof", "x_xla", "x_cudnn", "x_default", "rel_err")
