@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import html
+import math
 import os
 from typing import Iterable, Mapping, Sequence
 
@@ -98,6 +99,16 @@ _CSS = """
 """
 
 
+def label_columns(step: int) -> int:
+  """Text columns (14 px monospace, 8.4 px each) that the 9 px label of ``step`` covers.
+
+  A digit of the label is about 5 px wide, plus 3 px of space before the next label; a run
+  shorter than that gets no label (its hover text still names the step), so labels of
+  one-character runs never print over each other.
+  """
+  return math.ceil((5 * len(str(step)) + 3) / 8.4)
+
+
 def _html_text(piece: str) -> str:
   """Escaped text with newlines made visible (a CSS arrow, not part of the copied text)."""
   return '<span class="nl"></span>\n'.join(html.escape(part, quote=False)
@@ -127,7 +138,8 @@ def render_steps_html(tokenizer, tokens: Sequence[int], steps: Sequence[int], *,
     prompt_tokens: optional prompt ids, shown in grey above the generated text.
     title: optional heading.
     label_steps: write the step number in small grey type above the first token of every
-      run of tokens fixed by one step (CSS text: not part of the copied text).
+      run of tokens fixed by one step (CSS text: not part of the copied text), except where
+      the previous label on the line still covers that column (``label_columns``).
     legend: add the summary line and a strip with one box per step, as wide as the number of
       tokens the step fixed.
     standalone: a whole HTML document (for a file) instead of a fragment (for a notebook).
@@ -151,6 +163,7 @@ def render_steps_html(tokenizer, tokens: Sequence[int], steps: Sequence[int], *,
     prompt_text = tokenizer.decode([int(t) for t in prompt_tokens])
     parts.append(f'<div class="prompt" title="prompt">{_html_text(prompt_text)}</div>')
   spans = []
+  column, label_free_from = 0, 0  # text column of this token; first column a new label may use
   for i, (token, piece, step) in enumerate(zip(tokens, token_pieces(tokenizer, tokens), steps)):
     hover = f"token {i} · step {step} · id {token} · {piece!r}"
     if confidences is not None:
@@ -168,15 +181,21 @@ def render_steps_html(tokenizer, tokens: Sequence[int], steps: Sequence[int], *,
       if k == 0:
         cls = "tok" if piece else "tok frag"
         run = ""
-        if label_steps and (i == 0 or steps[i - 1] != step):  # a new run: label its step
+        new_run = i == 0 or steps[i - 1] != step
+        if label_steps and new_run and column >= label_free_from:  # room for its step label
           cls += " run"
           run = f' data-run="{step}"'
+          label_free_from = column + label_columns(step)
         spans.append(f'<span class="{cls}" data-i="{i}" data-step="{step}"{run}{conf_attr} '
                      f'{attrs}>{inner}</span>')
       else:
         spans.append(f'<span class="tok cont" data-of="{i}" {attrs}>{inner}</span>')
       if not last:
         spans.append("\n")
+    if "\n" in piece:
+      column, label_free_from = len(lines[-1]), 0
+    else:
+      column += len(piece)
   parts.append(f'<div class="text">{"".join(spans)}</div>')
   if legend and steps:
     counts = collections.Counter(steps)

@@ -109,6 +109,34 @@ def parse(page):
   return parser
 
 
+def assert_labels_fit(trace, pieces, steps):
+  """Every label starts a run and names its step; labels on one line are their width apart;
+  a run that starts where the previous label has ended is labelled."""
+  runs = [i for i in range(len(steps)) if i == 0 or steps[i] != steps[i - 1]]
+  labelled = [i for i, box in trace.tokens.items() if box["run"] is not None]
+  assert labelled and labelled[0] == 0 and set(labelled) <= set(runs)
+  assert all(box["run"] in (None, str(box["step"])) for box in trace.tokens.values())
+  column, free_from = 0, 0
+  for i, piece in enumerate(pieces):
+    if i in runs:
+      assert (i in labelled) == (column >= free_from), (i, column, free_from)
+      if i in labelled:
+        free_from = column + viz.label_columns(steps[i])
+    column, free_from = ((len(piece.split("\n")[-1]), 0) if "\n" in piece
+                         else (column + len(piece), free_from))
+
+
+def test_html_labels_of_one_character_runs_do_not_collide(tokenizer):
+  tokens = tokenizer.encode(" 1234567890 x 9876543210")
+  steps = list(range(20, 20 + len(tokens)))  # every token its own two-digit step
+  pieces = viz.token_pieces(tokenizer, tokens)
+  trace = parse(viz.render_steps_html(tokenizer, tokens, steps))
+  labelled = [i for i, box in trace.tokens.items() if box["run"] is not None]
+  assert 1 < len(labelled) < len(tokens)  # some runs are too short for their label
+  assert_labels_fit(trace, pieces, steps)
+  assert viz.label_columns(5) == 1 and viz.label_columns(21) == 2 and viz.label_columns(321) == 3
+
+
 def test_html_every_token_once_with_its_step(tokenizer, known_output):
   tokens, steps = known_output
   confidences = [0.5 + 0.5 * (i % 7) / 7 for i in range(len(tokens))]
@@ -127,10 +155,8 @@ def test_html_every_token_once_with_its_step(tokenizer, known_output):
   assert set(trace.text_tags) == {"span"} and "<b>5</b>" not in page
   # a byte fragment (é split) is an empty box; the token completing the character holds it
   assert any(box["text"] == "" for box in trace.tokens.values())
-  # the first token of each run of one step carries the step's label
-  assert [i for i, box in trace.tokens.items() if box["run"] is not None] == [
-      i for i in range(len(steps)) if i == 0 or steps[i] != steps[i - 1]]
-  assert all(box["run"] in (None, str(box["step"])) for box in trace.tokens.values())
+  # labels sit only on the first token of a run of one step, name its step, never overlap
+  assert_labels_fit(trace, pieces, steps)
   # tokens of one step share a colour; consecutive steps differ
   by_step = collections.defaultdict(set)
   for box in trace.tokens.values():
