@@ -203,3 +203,84 @@ def test_no_labels_gives_zero_loss_not_nan(tiny_model):
                                            jnp.zeros(ids.shape, bool), block_size=4,
                                            mask_id=MASK_ID)
   assert float(loss) == 0.0
+
+
+# -- chunked LM head + cross-entropy
+
+
+def _loss_and_grads(model, ids, labels, view_a, chunk, objective_name, block_size=8):
+  graphdef, state = nnx.split(model)
+
+  def loss_fn(state):
+    m = nnx.merge(graphdef, state)
+    if objective_name == "block_diffusion":
+      return objective.block_diffusion_loss(m, ids, labels, view_a, block_size=block_size,
+                                            mask_id=63, loss_chunk_size=chunk)[0]
+    return objective.autoregressive_loss(m, ids, labels, loss_chunk_size=chunk)[0]
+
+  return jax.jit(jax.value_and_grad(loss_fn))(state)
+
+
+@pytest.mark.parametrize("objective_name", ["block_diffusion", "autoregressive"])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunk", [1, 5, 16])  # 5 does not divide the 31 shifted positions
+def test_chunked_loss_and_gradients_equal_unchunked(objective_name, tied, chunk):
+  config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       tie_word_embeddings=tied)
+  model = Transformer(config, rngs=nnx.Rngs(3))
+  ids, labels = _batch(8, rows=2, seq_len=32, vocab=60)
+  ids, labels = jnp.asarray(ids), jnp.asarray(labels)
+  view_a = objective.sample_block_masks(jax.random.key(2), labels, 8)
+  want_loss, want_grads = _loss_and_grads(model, ids, labels, view_a, None, objective_name)
+  loss, grads = _loss_and_grads(model, ids, labels, view_a, chunk, objective_name)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+  assert float(want_loss) > 0
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_head_sums_count_only_real_positions():
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.standard_normal((2, 11, 6)), jnp.float32)
+  weight = jnp.asarray(rng.standard_normal((6, 9)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 9, (2, 11)), jnp.int32).at[0, 3:6].set(IGNORE)
+  head = lambda h: h @ weight
+  want = objective.shifted_cross_entropy_sums(head(hidden), labels)
+  for chunk in (1, 3, 4, 10, 64):
+    got = objective.head_shifted_cross_entropy_sums(head, hidden, labels, chunk)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    assert float(got[1]) == 2 * 10 - 3  # padding of the last chunk carries no loss
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True, "64"])
+def test_chunk_size_errors_name_the_value(bad):
+  with pytest.raises(ValueError, match="loss_chunk_size"):
+    objective.head_shifted_cross_entropy_sums(lambda h: h, jnp.zeros((1, 4, 2)),
+                                              jnp.zeros((1, 4), jnp.int32), bad)
+
+
+def test_chunking_bounds_the_memory_of_the_logits():
+  """Compiled temporary memory of loss + gradients: the [rows, T, vocab] logits (and their
+  gradient) dominate unchunked; chunked they shrink to [rows, chunk, vocab]. (What is left is
+  mostly the dense attention scores, which grow with seq_len squared: kept short here.)"""
+  vocab, seq_len, rows = 16384, 128, 2
+  config = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8)
+  graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+  ids = jnp.zeros((rows, seq_len), jnp.int32)
+
+  def temp_bytes(chunk):
+    def loss_fn(state):
+      return objective.autoregressive_loss(nnx.merge(graphdef, state), ids, ids,
+                                           loss_chunk_size=chunk)[0]
+    compiled = jax.jit(jax.grad(loss_fn)).lower(state).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  logits_bytes = rows * seq_len * vocab * 4  # 16 MiB
+  unchunked, chunk_32, chunk_8 = temp_bytes(None), temp_bytes(32), temp_bytes(8)
+  assert unchunked >= 2 * logits_bytes  # the logits and their gradient
+  # a chunk holds its logits, their exponentials and their gradient: 3 x chunk / seq_len
+  assert chunk_8 < chunk_32 < unchunked / 2, (unchunked, chunk_32, chunk_8)
+  assert chunk_8 < logits_bytes / 2, (unchunked, chunk_32, chunk_8)

@@ -19,6 +19,9 @@ Block diffusion (spec section 3), for ``input_ids`` / ``labels`` [N, L] with ``L
 The denominator counts ``labels[:, 1:] != IGNORE``: a label on the first position of a window
 can never be predicted by a shifted logit, so it is left out of both the sum and the count.
 
+``loss_chunk_size`` (both objectives) runs the LM head and the CE over that many positions at a
+time (``head_shifted_cross_entropy_sums``), so the [rows, L, vocab] logits never exist at once.
+
 Both losses also come as ``*_sums`` returning (CE sum, token count), which the trainer uses for
 gradient accumulation: gradients of the sums are added over micro-batches and divided once by
 the token count of the whole global batch, so accumulation does not re-weight micro-batches.
@@ -73,20 +76,68 @@ def complementary_views(input_ids_NxL, labels_NxL, view_a_mask_NxL, mask_id: int
   return noisy_2NxL, view_labels_2NxL
 
 
-def shifted_cross_entropy_sums(logits_BxTxV, labels_BxT):
-  """(sum of CE where ``labels[:, 1:]`` != IGNORE, number of such tokens); logit j-1 -> token j."""
-  logits = logits_BxTxV[:, :-1].astype(jnp.float32)
-  targets = labels_BxT[:, 1:]
-  valid = targets != IGNORE
+def _cross_entropy_sums(logits_BxTxV, targets_BxT):
+  """(sum of CE where ``targets`` != IGNORE, their count): logit t scores target t."""
+  logits = logits_BxTxV.astype(jnp.float32)
+  valid = targets_BxT != IGNORE
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  safe_targets = jnp.where(valid, targets, 0)
+  safe_targets = jnp.where(valid, targets_BxT, 0)
   target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
   ce = jnp.where(valid, log_z - target_logit, 0.0)
   return jnp.sum(ce), jnp.sum(valid).astype(jnp.float32)
 
 
+def shifted_cross_entropy_sums(logits_BxTxV, labels_BxT):
+  """(sum of CE where ``labels[:, 1:]`` != IGNORE, number of such tokens); logit j-1 -> token j."""
+  return _cross_entropy_sums(logits_BxTxV[:, :-1], labels_BxT[:, 1:])
+
+
+def check_loss_chunk_size(chunk_size: int | None) -> None:
+  """Raises ValueError unless ``chunk_size`` is None or a positive int."""
+  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                 or chunk_size < 1):
+    raise ValueError(f"loss_chunk_size={chunk_size!r} must be a positive number of positions or "
+                     "None (the whole sequence in one piece)")
+
+
+def head_shifted_cross_entropy_sums(logits_fn, hidden_BxTxD, labels_BxT,
+                                    chunk_size: int | None = None):
+  """``shifted_cross_entropy_sums(logits_fn(hidden), labels)``, ``chunk_size`` positions at a time.
+
+  With a chunk size, the LM head and the CE run on one chunk of positions after another
+  (``lax.scan``) under ``jax.checkpoint``: the backward pass recomputes each chunk's logits, so
+  only [B, chunk_size, V] logits live at once instead of [B, T, V] (for a 152k vocabulary at
+  2048 positions that is 1.2 GiB per row in float32, times two for its gradient). The sums
+  are the same up to float summation order. ``chunk_size=None`` computes all logits at once.
+  """
+  check_loss_chunk_size(chunk_size)
+  hidden, targets = hidden_BxTxD[:, :-1], labels_BxT[:, 1:]
+  batch, num_positions, width = hidden.shape
+  if chunk_size is None or chunk_size >= num_positions:
+    return _cross_entropy_sums(logits_fn(hidden), targets)
+  num_chunks = -(-num_positions // chunk_size)
+  pad = num_chunks * chunk_size - num_positions  # padded positions carry IGNORE: no loss
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
+  hidden_CxBxKxD = hidden.reshape(batch, num_chunks, chunk_size, width).transpose(1, 0, 2, 3)
+  targets_CxBxK = targets.reshape(batch, num_chunks, chunk_size).transpose(1, 0, 2)
+
+  @jax.checkpoint
+  def chunk_sums(hidden_BxKxD, targets_BxK):
+    return _cross_entropy_sums(logits_fn(hidden_BxKxD), targets_BxK)
+
+  def accumulate(totals, chunk):
+    ce, count = chunk_sums(*chunk)
+    return (totals[0] + ce, totals[1] + count), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (ce_sum, count), _ = jax.lax.scan(accumulate, (zero, zero), (hidden_CxBxKxD, targets_CxBxK))
+  return ce_sum, count
+
+
 def block_diffusion_loss_sums(model, input_ids_NxL, labels_NxL, view_a_mask_NxL, *,
-                              block_size: int, mask_id: int, attention_impl: str | None = None):
+                              block_size: int, mask_id: int, attention_impl: str | None = None,
+                              loss_chunk_size: int | None = None):
   """(CE summed over both views, number of label tokens of the original batch)."""
   num_rows, seq_len = input_ids_NxL.shape
   check_block_shape(seq_len, block_size)
@@ -99,32 +150,37 @@ def block_diffusion_loss_sums(model, input_ids_NxL, labels_NxL, view_a_mask_NxL,
                                      tokens_2Nx2L.shape)
   hidden, _ = model(tokens_2Nx2L, positions_2Nx2L, mask=masks_lib.Training(block_size, seq_len),
                     attention_impl=attention_impl, return_hidden=True)
-  logits_2NxLxV = model.logits(hidden[:, :seq_len])
-  ce_sum, _ = shifted_cross_entropy_sums(logits_2NxLxV, view_labels_2NxL)
+  ce_sum, _ = head_shifted_cross_entropy_sums(model.logits, hidden[:, :seq_len], view_labels_2NxL,
+                                              loss_chunk_size)
   num_labels = jnp.sum(labels_NxL[:, 1:] != IGNORE).astype(jnp.float32)
   return ce_sum, num_labels
 
 
 def block_diffusion_loss(model, input_ids_NxL, labels_NxL, view_a_mask_NxL, *, block_size: int,
-                         mask_id: int, attention_impl: str | None = None):
+                         mask_id: int, attention_impl: str | None = None,
+                         loss_chunk_size: int | None = None):
   """Fast-dLLM v2 loss: (per-token mean CE over both complementary views, metrics dict)."""
   ce_sum, num_labels = block_diffusion_loss_sums(
       model, input_ids_NxL, labels_NxL, view_a_mask_NxL, block_size=block_size, mask_id=mask_id,
-      attention_impl=attention_impl)
+      attention_impl=attention_impl, loss_chunk_size=loss_chunk_size)
   loss = ce_sum / jnp.maximum(num_labels, 1.0)
   return loss, {"loss": loss, "ce_sum": ce_sum, "num_label_tokens": num_labels}
 
 
 def autoregressive_loss_sums(model, input_ids_NxL, labels_NxL, *,
-                             attention_impl: str | None = None):
+                             attention_impl: str | None = None,
+                             loss_chunk_size: int | None = None):
   """(next-token CE summed over labelled positions under the causal mask, their count)."""
-  logits, _ = model(input_ids_NxL, mask=masks_lib.Causal(), attention_impl=attention_impl)
-  return shifted_cross_entropy_sums(logits, labels_NxL)
+  hidden, _ = model(input_ids_NxL, mask=masks_lib.Causal(), attention_impl=attention_impl,
+                    return_hidden=True)
+  return head_shifted_cross_entropy_sums(model.logits, hidden, labels_NxL, loss_chunk_size)
 
 
-def autoregressive_loss(model, input_ids_NxL, labels_NxL, *, attention_impl: str | None = None):
+def autoregressive_loss(model, input_ids_NxL, labels_NxL, *, attention_impl: str | None = None,
+                        loss_chunk_size: int | None = None):
   """Plain next-token CE (per-token mean): (loss, metrics dict)."""
   ce_sum, num_labels = autoregressive_loss_sums(model, input_ids_NxL, labels_NxL,
-                                                attention_impl=attention_impl)
+                                                attention_impl=attention_impl,
+                                                loss_chunk_size=loss_chunk_size)
   loss = ce_sum / jnp.maximum(num_labels, 1.0)
   return loss, {"loss": loss, "ce_sum": ce_sum, "num_label_tokens": num_labels}

@@ -94,6 +94,9 @@ class TrainConfig:
   compute_dtype: str = "float32"
   remat: bool = False
   attention_impl: str | None = None
+  # LM head + cross-entropy over this many positions at a time (recomputed in the backward
+  # pass), so [rows, seq_len, vocab] logits are never held at once; None: all in one piece.
+  loss_chunk_size: int | None = 512
   # optimisation
   num_steps: int = 100
   global_batch_size: int = 8
@@ -149,6 +152,7 @@ class TrainConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"TrainConfig.{name} must be a positive integer; got {value!r}")
+    objective_lib.check_loss_chunk_size(self.loss_chunk_size)
     if self.global_batch_size % self.grad_accum_steps:
       raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by "
                        f"grad_accum_steps={self.grad_accum_steps}")
@@ -364,9 +368,11 @@ class TrainProgram:
     if self.config.objective == "block_diffusion":
       return objective_lib.block_diffusion_loss_sums(
           model, input_ids, labels, view_a, block_size=self.config.block_size,
-          mask_id=self.mask_id, attention_impl=self.config.attention_impl)
+          mask_id=self.mask_id, attention_impl=self.config.attention_impl,
+          loss_chunk_size=self.config.loss_chunk_size)
     return objective_lib.autoregressive_loss_sums(model, input_ids, labels,
-                                                  attention_impl=self.config.attention_impl)
+                                                  attention_impl=self.config.attention_impl,
+                                                  loss_chunk_size=self.config.loss_chunk_size)
 
   def _make_train_step(self):
     config, accum = self.config, self.config.grad_accum_steps
@@ -516,7 +522,7 @@ class Trainer:
     return _json_normal({name: getattr(config, name) for name in (
         "num_steps", "learning_rate", "warmup_steps", "warmup_ratio", "schedule", "min_lr_ratio",
         "weight_decay", "adam_b1", "adam_b2", "adam_eps", "max_grad_norm", "grad_accum_steps",
-        "mesh_shape", "compute_dtype", "remat", "attention_impl")})
+        "mesh_shape", "compute_dtype", "remat", "attention_impl", "loss_chunk_size")})
 
   def _check_fingerprint(self, step: int, saved: dict) -> None:
     saved = dict(saved)
