@@ -1,0 +1,60 @@
+"""benchmarks/demo_digit_probe.py: batched block-setting logits equal the literal one-at-a-time
+computation, and the report counts every answer token once per setting."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from fdllm_jax import compute_logits, demo, load_model, load_tokenizer
+from fdllm_jax.demo import task
+from fdllm_jax.training.data import encode_chat, pad_to_block
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                     "demo_digit_probe.py")
+_spec = importlib.util.spec_from_file_location("demo_digit_probe", _PATH)
+probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(probe)
+
+
+def test_batched_block_inputs_equal_one_truncated_forward_per_position():
+  tokenizer, model = load_tokenizer(demo.FAST_DLLM_DIR), load_model(demo.FAST_DLLM_DIR)
+  ids, labels = encode_chat(tokenizer, task.generate("test", 1, 3)[0].to_chat()["messages"])
+  ids, labels = pad_to_block(np.asarray(ids), np.asarray(labels), 32, tokenizer.mask_id)
+  targets = np.flatnonzero(labels != -100)[[0, 5, 17, -1]]
+  batched = np.asarray(compute_logits(
+      model, probe.block_inputs(ids, labels, targets, 32, tokenizer.mask_id),
+      attention="block_causal", block_size=32))
+  for row, i in enumerate(targets):
+    end = (i // 32 + 1) * 32  # the literal setting: the sequence stops at the block's end
+    literal = ids[:end].copy()
+    literal[i:end] = np.where(labels[i:end] != -100, tokenizer.mask_id, literal[i:end])
+    want = np.asarray(compute_logits(model, literal[None], attention="block_causal",
+                                     block_size=32))[0, i - 1]
+    np.testing.assert_allclose(batched[row, i - 1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_report_counts_every_answer_token_in_both_settings(capsys):
+  reports = probe.main(["--model", demo.AR_BASE_DIR, "--num_problems", "3", "--examples", "2"])
+  (report,) = reports
+  assert '"model"' in capsys.readouterr().out
+  tokenizer = load_tokenizer(demo.AR_BASE_DIR)
+  answer_tokens = 0
+  for problem in task.generate("test", 3, 0):
+    _, labels = encode_chat(tokenizer, problem.to_chat()["messages"])
+    answer_tokens += int((np.asarray(labels)[1:] != -100).sum())
+  for setting in probe.SETTINGS:
+    assert sum(report[setting]["total"].values()) == answer_tokens
+    assert len(report[setting]["examples"]) <= 2
+    assert all(0 <= e["p_want"] < 1 for e in report[setting]["examples"])
+  # the AR base does its arithmetic under its own causal mask (1 digit in 1033 wrong on 60)
+  assert report["causal"]["wrong"].get("digit", 0) <= 1
+
+
+@pytest.mark.parametrize("argv,message", [(["--num_problems", "0"], "num_problems"),
+                                          (["--block_size", "0"], "block_size")])
+def test_bad_arguments_name_the_value(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    probe.parse_args(argv)
+  assert message in capsys.readouterr().err
