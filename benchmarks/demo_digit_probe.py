@@ -9,7 +9,11 @@ before it (teacher forcing), in the two settings a model meets:
 - ``causal``: the plain causal mask, the AR base's own setting (one forward per problem);
 - ``block``: the block-causal mask with the answer's prefix clean and the rest of the current
   block MASK, the situation of left-to-right decoding at threshold 1.0 (the token-shifted
-  logit at i-1 predicts token i, as in ``generate``).
+  logit at i-1 predicts token i, as in ``generate``);
+- ``prefix``: the block-causal mask over the text before i only (no MASK token anywhere): what
+  bidirectional attention among the block's clean tokens alone costs;
+- ``infill``: the block-causal mask with only token i MASK, the rest of the text clean (the
+  whole block visible, the answer's later copies included).
 
 Tokens are counted by kind: ``digit`` (an answer's digits: the arithmetic), ``block_start``
 (the first token of a block, predicted from the previous block) and ``other``. Each wrong
@@ -32,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-SETTINGS = ("causal", "block")
+SETTINGS = ("causal", "block", "prefix", "infill")
 
 
 def parse_args(argv=None):
@@ -74,11 +78,37 @@ def block_inputs(ids: np.ndarray, labels: np.ndarray, targets: np.ndarray, block
   return rows
 
 
+def prefix_allowed(targets: np.ndarray, seq_len: int, block_size: int) -> np.ndarray:
+  """bool [rows, seq_len, seq_len]: block-causal, and no key at or after row r's target."""
+  idx = np.arange(seq_len)
+  block_causal = idx[None, :] // block_size <= idx[:, None] // block_size
+  before_target = idx[None, None, :] < np.asarray(targets)[:, None, None]
+  return block_causal[None] & before_target
+
+
+def infill_inputs(ids: np.ndarray, targets: np.ndarray, mask_id: int) -> np.ndarray:
+  """One row per target position i: only token i replaced by MASK."""
+  rows = np.repeat(ids[None], len(targets), axis=0)
+  rows[np.arange(len(targets)), targets] = mask_id
+  return rows
+
+
+def _explicit_mask_logits():
+  from flax import nnx
+  from fdllm_jax import masks
+
+  @nnx.jit
+  def logits(model, ids, allowed):
+    return model(ids, mask=masks.Explicit(allowed))[0].astype(np.float32)
+  return logits
+
+
 def probe_model(path: str, problems, *, block_size: int, num_examples: int) -> dict:
   """The report of one checkpoint: per setting and kind, wrong / total, and a few examples."""
   from fdllm_jax import compute_logits, load_model, load_tokenizer
   from fdllm_jax.training.data import encode_chat, pad_to_block
   tokenizer, model = load_tokenizer(path), load_model(path)
+  explicit_logits = _explicit_mask_logits()
   counts = {s: collections.Counter() for s in SETTINGS}
   wrong = {s: collections.Counter() for s in SETTINGS}
   examples = {s: [] for s in SETTINGS}
@@ -91,10 +121,16 @@ def probe_model(path: str, problems, *, block_size: int, num_examples: int) -> d
     block = np.asarray(compute_logits(
         model, block_inputs(ids, labels, targets, block_size, tokenizer.mask_id),
         attention="block_causal", block_size=block_size))
+    prefix = np.asarray(explicit_logits(
+        model, np.repeat(ids[None], len(targets), axis=0).astype(np.int32),
+        prefix_allowed(targets, len(ids), block_size)))
+    infill = np.asarray(compute_logits(model, infill_inputs(ids, targets, tokenizer.mask_id),
+                                       attention="block_causal", block_size=block_size))
     for row, i in enumerate(targets):
       piece = tokenizer.decode([int(ids[i])])
       kind = token_kind(piece, int(i), block_size)
-      for setting, logits in (("causal", causal[i - 1]), ("block", block[row, i - 1])):
+      for setting, logits in (("causal", causal[i - 1]), ("block", block[row, i - 1]),
+                              ("prefix", prefix[row, i - 1]), ("infill", infill[row, i - 1])):
         counts[setting][kind] += 1
         if int(np.argmax(logits)) == int(ids[i]):
           continue

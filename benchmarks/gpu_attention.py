@@ -468,7 +468,7 @@ class Bench:
 
   def train_config(self):
     if self.smoke:
-      return [64], dict(hq=4, hkv=2, d=32), 8, 64
+      return [64], dict(hq=4, hkv=2, d=32), 8, 128  # batch 2: one shared-stream row
     # The issue's target shape first, so a run cut short by the time budget still has it.
     sizes = [8192, 2048] if self.args.quick else [8192, 2048, 4096, 16384]
     return sizes, dict(hq=12, hkv=2, d=128), 32, 16384
@@ -495,17 +495,35 @@ class Bench:
             continue
           rec = self._time_train(name, tiling, t, batch, heads, block_size, mode, self.jnp.bfloat16)
           self._emit_with_ratios(("train", t, batch, mode), name, rec)
+          if name == "pallas" and rec:
+            self._train_shared(rec, t, batch, heads, block_size, mode)
 
-  def _train_flops(self, t, batch, hq, d, block_size):
+  def _train_shared(self, two_rows, t, batch, heads, block_size, mode):
+    """The shared clean stream (TrainConfig.share_clean_stream): the ``batch`` rows of
+    x_t ++ x_0 (2L) hold batch / 2 samples' two views; x_t^A ++ x_t^B ++ x_0 (3L) needs one row
+    per sample. Compared per sample with the two-row pallas record just measured."""
+    rows = batch // 2
+    if rows < 1 or self.out_of_time(f"train pallas[shared] {mode} T={t}"):
+      return
+    rec = self._time_train("pallas[shared]", None, 3 * (t // 2), rows, heads, block_size, mode,
+                           self.jnp.bfloat16)
+    if rec:
+      rec["ms_per_sample"] = rec["ms"] / rows
+      rec["speedup_vs_pallas_two_rows"] = (two_rows["ms"] / (batch / 2)) / rec["ms_per_sample"]
+      emit(rec)
+
+  def _train_flops(self, t, batch, hq, d, block_size, noisy_streams=1):
     import numpy as np
     from fdllm_jax import masks
-    length = t // 2
-    # Visible pairs of the training mask, in closed form: noisy and clean queries of block j
-    # both see (j + 1) blocks of B keys.
+    length = t // (noisy_streams + 1)
+    # Visible pairs of the training mask, in closed form: a noisy query of block j sees its
+    # block and j clean blocks, a clean query j + 1 clean blocks (B keys each).
     n = length // block_size
-    visible = block_size * block_size * n * (n + 1)
+    visible = block_size * block_size * (noisy_streams * (n + n * (n - 1) // 2)
+                                          + n * (n + 1) // 2)
     if t <= 1024:  # cross-check the closed form against the dense mask
-      dense = int(np.asarray(masks.dense(masks.Training(block_size, length), t, t)).sum())
+      mask = masks.Training(block_size, length, noisy_streams)
+      dense = int(np.asarray(masks.dense(mask, t, t)).sum())
       assert dense == visible, (dense, visible)
     return 4 * d * hq * batch * visible
 
@@ -517,11 +535,13 @@ class Bench:
       from fdllm_jax import masks
       from pallas_kernels import block_kernel as bk
       hq, hkv, d = heads["hq"], heads["hkv"], heads["d"]
-      mask = masks.Training(block_size, t // 2)
+      kind = "training_shared" if name == "pallas[shared]" else "training"
+      noisy_streams = bk.TRAINING_KINDS[kind]
+      mask = masks.Training(block_size, t // (noisy_streams + 1), noisy_streams)
       impl = name.split("[")[0]
       if impl == "pallas":
         op = lambda q, k, v: bk.block_attention(  # noqa: E731
-            q, k, v, kind="training", block_size=block_size, interpret=self.interpret,
+            q, k, v, kind=kind, block_size=block_size, interpret=self.interpret,
             tiling=tiling)
       elif impl == "xla":
         op = lambda q, k, v: attn.xla_attention(q, k, v, mask=mask)  # noqa: E731
@@ -549,7 +569,8 @@ class Bench:
         return outs
 
       sec, best = self.time_program(prog, (q, k, v, cot), inner)
-      flops = self._train_flops(t, batch, hq, d, block_size) * (1 if mode == "fwd" else 3.5)
+      flops = self._train_flops(t, batch, hq, d, block_size, noisy_streams) * (
+          1 if mode == "fwd" else 3.5)
       rec = {"section": "train", "impl": name, "mode": mode, "tokens": t, "batch": batch,
              "hq": hq, "hkv": hkv, "d": d, "block": block_size, "ms": sec * 1e3,
              "ms_min": best * 1e3, "tflops": flops / sec / 1e12}
@@ -731,7 +752,9 @@ class Bench:
               f"{rec['impl']:14s} {rec['ms']:9.3f} ms {rec['tflops']:7.1f} TFLOP/s "
               f"{rec.get('pct_peak_tflops', nan):5.1f}% "
               f"x_xla={rec.get('speedup_vs_xla', nan):5.2f} "
-              f"x_cudnn={rec.get('speedup_vs_cudnn', nan):5.2f}")
+              f"x_cudnn={rec.get('speedup_vs_cudnn', nan):5.2f}"
+              + (f" per sample x_two_rows={rec['speedup_vs_pallas_two_rows']:5.2f}"
+                 if "speedup_vs_pallas_two_rows" in rec else ""))
     for rec in RECORDS:
       if rec.get("section") == "decode" and "ms" in rec:
         print(f"decode S={rec['cache']:6d} B={rec['batch']} {rec['impl']:18s} "

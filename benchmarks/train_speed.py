@@ -1,6 +1,8 @@
 """Training throughput and model FLOPs utilisation of a gin config, objectives side by side.
 
     python benchmarks/train_speed.py --gin_file configs/tiny_cpu.gin
+    python benchmarks/train_speed.py --gin_file configs/demo_adapt.gin --model_config \
+        models/demo/fast_dllm/config.json --objectives block_diffusion,block_diffusion_shared
     python benchmarks/train_speed.py --gin_file configs/fast_dllm_v2_1.5b.gin \\
         --model qwen2.5-1.5b --gin_param 'TrainConfig.mesh_shape = (-1, 1, 1)' \\
         --gin_param 'TrainConfig.global_batch_size = 4' \\
@@ -11,7 +13,9 @@ dtypes from the gin config) on random token batches with random initial weights,
 data nor a checkpoint download is needed. The model is the config's ``model_config`` for
 ``init="scratch"``, else ``--model`` (public Qwen2.5 shapes) or ``--model_config`` (a
 config.json). Each objective in ``--objectives`` is timed in this process; one JSON line is
-printed per measurement, then one with the ratios between them.
+printed per measurement, then one with the ratios between them. ``block_diffusion_shared`` is
+block diffusion with ``TrainConfig.share_clean_stream`` (x_t^A ++ x_t^B ++ x_0, one row of 3L
+per sample): the same loss from less work.
 
 Model FLOPs per optimizer step (the MFU numerator; remat's extra forward is not counted):
 
@@ -21,6 +25,7 @@ Model FLOPs per optimizer step (the MFU numerator; remat's extra forward is not 
 
 with, for N sequences of L tokens per step,
     block_diffusion: S_trunk = 2 views x N x 2L tokens, T = 2L, S_head = 2N x L (x_t half only)
+    ..._shared:      S_trunk = N x 3L tokens,           T = 3L, S_head = 2N x L
     autoregressive:  S_trunk = N x L,                    T = L,  S_head = N x L
 and attention counted dense (every query against all T keys, as the XLA kernel computes).
 MFU = flops / step_time / (devices x peak FLOP/s); the peak is looked up from the device kind
@@ -64,6 +69,9 @@ PEAK_FLOPS = (
 )
 
 
+OBJECTIVES = ("block_diffusion", "block_diffusion_shared", "autoregressive")
+
+
 def model_flops_per_step(model_config, objective: str, num_rows: int, seq_len: int) -> float:
   c = model_config
   d, h, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -72,6 +80,9 @@ def model_flops_per_step(model_config, objective: str, num_rows: int, seq_len: i
   if objective == "block_diffusion":
     trunk_tokens = 2 * num_rows * 2 * seq_len
     attn_len, head_tokens = 2 * seq_len, 2 * num_rows * seq_len
+  elif objective == "block_diffusion_shared":
+    trunk_tokens = num_rows * 3 * seq_len
+    attn_len, head_tokens = 3 * seq_len, 2 * num_rows * seq_len
   else:
     trunk_tokens, attn_len, head_tokens = num_rows * seq_len, seq_len, num_rows * seq_len
   return (6 * matmul_params * trunk_tokens
@@ -141,7 +152,11 @@ def main(argv=None):
   labels[:, : base.seq_len // 4] = -100  # a prompt quarter without loss
   results = {}
   for objective in args.objectives.split(","):
-    config = dataclasses.replace(base, objective=objective, export=False)
+    if objective not in OBJECTIVES:
+      parser.error(f"--objectives: {objective!r} is unknown; use names from {OBJECTIVES}")
+    config = dataclasses.replace(
+        base, objective=objective.removesuffix("_shared"), export=False,
+        share_clean_stream=objective == "block_diffusion_shared")
     program = trainer_lib.TrainProgram(config, model_config, mesh,
                                        mask_id=model_config.vocab_size - 1)
     rows = sharding.process_rows(program.batch_sharding, shape)

@@ -13,7 +13,8 @@ The other implementations and what they cover (``route(...)`` says which path a 
 * ``"pallas"``: the fused kernels of ``pallas_kernels``.
   - ``block_attention`` for ``Causal``, ``BlockCausal`` and ``Training`` masks without a cache:
     ``q_offset_B`` None (or a concrete all-zero array) and ``kv_lengths_B`` None; ``Training``
-    also needs T == S == 2 * seq_len. Differentiable (Pallas backward kernels).
+    also needs T == S == ``mask.total_len`` (2L, or 3L with two noisy streams). Differentiable
+    (Pallas backward kernels).
   - ``window_attention`` for the decode step: ``Full()`` mask, at most 64 queries, with
     ``kv_lengths_B`` (or without: every key visible); ``q_offset_B`` is irrelevant to ``Full``.
     Forward only (decoding).
@@ -217,8 +218,9 @@ def _block_kind(mask, num_q, num_k):
     return "causal", 1
   if isinstance(mask, masks_lib.BlockCausal):
     return "block_causal", mask.block_size
-  if isinstance(mask, masks_lib.Training) and num_q == num_k == 2 * mask.seq_len:
-    return "training", mask.block_size
+  if isinstance(mask, masks_lib.Training) and num_q == num_k == mask.total_len:
+    kind = "training" if mask.num_noisy_streams == 1 else "training_shared"
+    return kind, mask.block_size
   return None
 
 

@@ -59,24 +59,41 @@ class Training:
   """The 2L training mask over x_t (indices 0..L-1) ++ x_0 (indices L..2L-1), spec section 2.
 
   A noisy block sees itself and the clean blocks before it; the clean stream is block-causal.
+  ``num_noisy_streams=2`` is the same mask over x_t^A ++ x_t^B ++ x_0 (3L indices): both views'
+  noisy streams share one clean stream, which never attends to noisy tokens, so every noisy
+  token sees exactly what it sees in its own 2L sequence (and the other view's noisy stream not
+  at all).
   """
 
   block_size: int
   seq_len: int  # L, the length of one stream
+  num_noisy_streams: int = 1
 
   def __post_init__(self):
     _check_positive("block_size", self.block_size)
     _check_positive("seq_len", self.seq_len)
+    if self.num_noisy_streams not in (1, 2):
+      raise ValueError(f"Training mask: num_noisy_streams must be 1 or 2; got "
+                       f"{self.num_noisy_streams!r}")
     if self.seq_len % self.block_size:
       raise ValueError(
           f"Training mask: seq_len={self.seq_len} must be a multiple of block_size="
           f"{self.block_size}")
 
+  @property
+  def total_len(self) -> int:
+    """Indices the mask spans: (noisy streams + 1) * L."""
+    return (self.num_noisy_streams + 1) * self.seq_len
+
   def __call__(self, q_idx, k_idx):
-    q_clean, k_clean = q_idx >= self.seq_len, k_idx >= self.seq_len
+    # Indices past the last stream count as clean, as in the 2L formula (padding).
+    q_stream = jnp.minimum(q_idx // self.seq_len, self.num_noisy_streams)
+    k_stream = jnp.minimum(k_idx // self.seq_len, self.num_noisy_streams)
+    q_clean = q_stream == self.num_noisy_streams
+    k_clean = k_stream == self.num_noisy_streams
     q_blk = (q_idx % self.seq_len) // self.block_size
     k_blk = (k_idx % self.seq_len) // self.block_size
-    same_block_same_stream = (q_blk == k_blk) & (q_clean == k_clean)
+    same_block_same_stream = (q_blk == k_blk) & (q_stream == k_stream)
     noisy_sees_earlier_clean = ~q_clean & k_clean & (q_blk > k_blk)
     clean_block_causal = q_clean & k_clean & (q_blk >= k_blk)
     return same_block_same_stream | noisy_sees_earlier_clean | clean_block_causal

@@ -2,7 +2,7 @@
 
 ``fdllm_jax.attention.attention(..., implementation="splash")`` lands in :func:`attention` here.
 
-* **No cache** (training over x_t ++ x_0, a forward without cache): JAX's splash attention
+* **No cache** (training over x_t ++ x_0 or x_t^A ++ x_t^B ++ x_0, a forward without cache): JAX's splash attention
   (``jax.experimental.pallas.ops.tpu.splash_attention``), forward and backward through splash's
   own custom VJP. Our mask objects become splash masks (:func:`splash_mask`): causal,
   block-causal and the training mask are *computed inside the kernel* from the query and key
@@ -112,15 +112,18 @@ def kernel_mask_fn(mask, num_keys: int | None = None) -> Callable | None:
     return with_keys(lambda q, k: (q >> shift) >= (k >> shift))
   if isinstance(mask, masks_lib.Training) and _is_pow2(mask.block_size):
     shift = mask.block_size.bit_length() - 1
-    n = mask.seq_len // mask.block_size  # blocks per stream; global block g >= n is clean
+    n = mask.seq_len // mask.block_size  # blocks per stream
+    clean_start = mask.num_noisy_streams * n  # global blocks >= this are clean
 
     def training(q, k):
       gq, gk = q >> shift, k >> shift
-      k_clean = gk >= n
+      q_clean, k_clean = gq >= clean_start, gk >= clean_start
+      # a noisy query's block within its own stream (no division: streams are few)
+      q_own = gq - n * sum((gq >= j * n) * 1 for j in range(1, mask.num_noisy_streams))
       # same block (hence same stream) | noisy block sees earlier clean blocks
       # | clean stream block-causal
-      return ((gq == gk) | (k_clean & (gq < n) & (gq > gk - n))
-              | (k_clean & (gq >= n) & (gq >= gk)))
+      return ((gq == gk) | (k_clean & ~q_clean & (q_own > gk - clean_start))
+              | (k_clean & q_clean & (gq >= gk)))
     return with_keys(training)
   return None
 

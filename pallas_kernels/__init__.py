@@ -1,8 +1,8 @@
 """Fused attention kernels for Fast-dLLM v2, each module beside its pure-jnp reference.
 
 * ``block_kernel``: ``block_attention`` (flash attention for the causal, block-causal and
-  x_t ++ x_0 training masks; forward, dQ and dK/dV kernels; hidden tiles skipped) and
-  ``block_attention_reference``.
+  training masks, x_t ++ x_0 or x_t^A ++ x_t^B ++ x_0; forward, dQ and dK/dV kernels; hidden
+  tiles skipped) and ``block_attention_reference``.
 * ``window_kernel``: ``window_attention`` (a decode window over a ragged KV cache,
   flash-decoding split over the keys) and ``window_attention_reference``.
 * ``triton_window``: ``triton_window_attention``, the same decode step as a Triton kernel

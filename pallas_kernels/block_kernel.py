@@ -7,9 +7,12 @@ index s):
 * ``"causal"``:        ``k <= q``
 * ``"block_causal"``:  ``k // B <= q // B`` (spec section 2, inference)
 * ``"training"``:      the x_t ++ x_0 mask of spec section 2, T = S = 2L, L = T // 2
+* ``"training_shared"``: the same over x_t^A ++ x_t^B ++ x_0 (both views' noisy streams and
+  one shared clean stream, ``masks.Training(..., num_noisy_streams=2)``), T = S = 3L
 
-Work skipping. For every query tile, ``key_tile_segments`` returns at most two *segments*
-(one per key stream: noisy x_t keys and clean x_0 keys for "training", one for the others),
+Work skipping. For every query tile, ``key_tile_segments`` returns one *segment* per key
+stream (noisy x_t keys and clean x_0 keys for "training", each noisy stream and the clean one
+for "training_shared", a single one for the others),
 each a range of key tiles ``[lo, hi)`` with a sub-range ``[full_lo, full_hi)`` of tiles the mask
 shows entirely. The kernels loop over exactly these ranges: hidden tiles are never loaded,
 fully visible tiles skip the mask arithmetic, and only the tiles on a mask edge compute it.
@@ -45,7 +48,15 @@ import numpy as np
 
 from pallas_kernels import _common as cm
 
-KINDS = ("causal", "block_causal", "training")
+KINDS = ("causal", "block_causal", "training", "training_shared")
+TRAINING_KINDS = {"training": 1, "training_shared": 2}  # kind -> number of noisy streams
+
+
+def stream_length(kind: str, num_queries: int) -> int | None:
+  """L, one stream's length, for the training kinds (T = (noisy streams + 1) * L); else None."""
+  if kind not in TRAINING_KINDS:
+    return None
+  return num_queries // (TRAINING_KINDS[kind] + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,8 +66,8 @@ KINDS = ("causal", "block_causal", "training")
 def mask_allowed(kind: str, q_idx, k_idx, *, block_size: int, seq_len: int | None = None):
   """Boolean ``allowed[q, k]`` for broadcastable non-negative int32 index arrays.
 
-  ``seq_len`` is L (one stream's length) for "training". Written with ``lax.div`` so the same
-  code lowers to Triton; tests check it against ``fdllm_jax.masks``.
+  ``seq_len`` is L (one stream's length) for the training kinds. Written with ``lax.div`` and
+  comparisons so the same code lowers to Triton; tests check it against ``fdllm_jax.masks``.
   """
   q_idx = jnp.asarray(q_idx, jnp.int32)
   k_idx = jnp.asarray(k_idx, jnp.int32)
@@ -65,12 +76,17 @@ def mask_allowed(kind: str, q_idx, k_idx, *, block_size: int, seq_len: int | Non
     return k_idx <= q_idx
   if kind == "block_causal":
     return cm.idiv(k_idx, b) <= cm.idiv(q_idx, b)
-  if kind == "training":
-    length = seq_len
-    q_clean, k_clean = q_idx >= length, k_idx >= length
-    q_blk = cm.idiv(jnp.where(q_clean, q_idx - length, q_idx), b)
-    k_blk = cm.idiv(jnp.where(k_clean, k_idx - length, k_idx), b)
-    same = (q_blk == k_blk) & (q_clean == k_clean)
+  if kind in TRAINING_KINDS:
+    length, n_noisy = seq_len, TRAINING_KINDS[kind]
+
+    def stream(idx):  # 0 .. n_noisy (clean); indices past the end count as clean
+      return sum((idx >= j * length).astype(jnp.int32) for j in range(1, n_noisy + 1))
+
+    q_stream, k_stream = stream(q_idx), stream(k_idx)
+    q_clean, k_clean = q_stream == n_noisy, k_stream == n_noisy
+    q_blk = cm.idiv(q_idx - q_stream * length, b)
+    k_blk = cm.idiv(k_idx - k_stream * length, b)
+    same = (q_blk == k_blk) & (q_stream == k_stream)
     noisy_sees_clean = ~q_clean & k_clean & (q_blk > k_blk)
     clean_causal = q_clean & k_clean & (q_blk >= k_blk)
     return same | noisy_sees_clean | clean_causal
@@ -98,6 +114,7 @@ def _stream_intervals(kind, direction, r, subset, *, block_size, length, n_queri
 
   Returns a list (one entry per column stream) of ``(lo, hi)`` or None (stream not visible from
   this row subset). ``direction`` "fwd": rows are queries, columns keys; "bwd": the transpose.
+  Training kinds: ``subset`` is a stream number, 0 .. n-1 noisy and n clean.
   Every interval has ``lo <= hi`` and both ends are non-decreasing in ``r`` (what makes the
   union / intersection over a row tile a function of the tile's first and last row).
   """
@@ -110,19 +127,27 @@ def _stream_intervals(kind, direction, r, subset, *, block_size, length, n_queri
     if direction == "fwd":
       return [(jnp.zeros_like(r), (cm.idiv(r, b) + 1) * b)]
     return [(cm.idiv(r, b) * b, jnp.full_like(r, n_queries))]
-  # training: column stream 0 = noisy half [0, L), stream 1 = clean half [L, 2L)
-  if subset == "noisy":
-    blk = cm.idiv(r, b)
-    own = (blk * b, blk * b + b)
+  # training kinds: column stream s covers [s L, (s + 1) L); streams 0 .. n-1 are noisy (x_t,
+  # one per view), stream n is the clean x_0
+  n = TRAINING_KINDS[kind]
+  clean_start = n * length
+  intervals = [None] * (n + 1)
+  if subset < n:
+    start = subset * length
+    blk = cm.idiv(r - start, b)
+    intervals[subset] = (start + blk * b, start + blk * b + b)
     if direction == "fwd":  # noisy query: its own noisy block, and clean blocks before it
-      return [own, (jnp.full_like(r, length), length + blk * b)]
-    return [own, None]     # noisy key: seen by the noisy queries of its block only
-  blk = cm.idiv(r - length, b)
+      intervals[n] = (jnp.full_like(r, clean_start), clean_start + blk * b)
+    return intervals       # noisy key: seen by the noisy queries of its block only
+  blk = cm.idiv(r - clean_start, b)
   if direction == "fwd":   # clean query: clean blocks up to its own
-    return [None, (jnp.full_like(r, length), length + (blk + 1) * b)]
-  # clean key: noisy queries of later blocks, clean queries of its block and later
-  return [((blk + 1) * b, jnp.full_like(r, length)),
-          (length + blk * b, jnp.full_like(r, 2 * length))]
+    intervals[n] = (jnp.full_like(r, clean_start), clean_start + (blk + 1) * b)
+    return intervals
+  # clean key: every noisy stream's queries of later blocks, clean queries of its block and later
+  for s in range(n):
+    intervals[s] = (s * length + (blk + 1) * b, jnp.full_like(r, (s + 1) * length))
+  intervals[n] = (clean_start + blk * b, jnp.full_like(r, clean_start + length))
+  return intervals
 
 
 def _segments(kind, direction, row_tile, *, n_rows, n_cols, block_size, tile_r, tile_c,
@@ -131,10 +156,12 @@ def _segments(kind, direction, row_tile, *, n_rows, n_cols, block_size, tile_r, 
   valid = r0 < n_rows
   r1 = jnp.minimum(r0 + tile_r, n_rows) - 1           # last valid row of the tile
   complete_rows = r0 + tile_r <= n_rows
-  if kind == "training":
-    subsets = [("noisy", r0, jnp.minimum(r1, length - 1), valid & (r0 < length)),
-               ("clean", jnp.maximum(r0, length), r1, valid & (r1 >= length))]
-    n_streams = 2
+  if kind in TRAINING_KINDS:
+    n = TRAINING_KINDS[kind]
+    subsets = [(s, jnp.maximum(r0, s * length), jnp.minimum(r1, (s + 1) * length - 1),
+                valid & (r0 < (s + 1) * length) & (r1 >= s * length)) for s in range(n)]
+    subsets.append((n, jnp.maximum(r0, n * length), r1, valid & (r1 >= n * length)))
+    n_streams = n + 1
   else:
     subsets = [("all", r0, r1, valid)]
     n_streams = 1
@@ -166,22 +193,25 @@ def _segments(kind, direction, row_tile, *, n_rows, n_cols, block_size, tile_r, 
     f_lo = jnp.where(has_full, jnp.clip(f_lo, lo, hi), lo)
     f_hi = jnp.where(has_full, jnp.clip(f_hi, f_lo, hi), lo)
     segments.append([lo, hi, f_lo, f_hi])
-  if n_streams == 2:
-    # A column tile straddling the two streams may be in both unions: visit it once, in the
-    # first segment (masked there: a straddling tile is never inside one stream's intersection).
-    lo0, hi0 = segments[0][0], segments[0][1]
-    lo1, hi1, f_lo1, f_hi1 = segments[1]
-    lo1 = jnp.where(hi0 > lo0, jnp.maximum(lo1, hi0), lo1)
-    hi1 = jnp.maximum(hi1, lo1)
-    f_lo1 = jnp.clip(f_lo1, lo1, hi1)
-    f_hi1 = jnp.clip(f_hi1, f_lo1, hi1)
-    segments[1] = [lo1, hi1, f_lo1, f_hi1]
+  # A column tile straddling two streams may be in both unions: visit it once, in the earlier
+  # segment (masked there: a straddling tile is never inside one stream's intersection).
+  # Earlier segments lie in earlier columns, so only their last tile can be shared.
+  visited_hi = jnp.zeros_like(r0)
+  for s in range(n_streams):
+    lo, hi, f_lo, f_hi = segments[s]
+    if s:
+      lo = jnp.maximum(lo, visited_hi)
+      hi = jnp.maximum(hi, lo)
+      f_lo = jnp.clip(f_lo, lo, hi)
+      f_hi = jnp.clip(f_hi, f_lo, hi)
+      segments[s] = [lo, hi, f_lo, f_hi]
+    visited_hi = jnp.where(hi > lo, jnp.maximum(visited_hi, hi), visited_hi)
   return [Segment(*seg) for seg in segments]
 
 
 def key_tile_segments(kind, q_tile, *, num_queries, num_keys, block_size, tile_q, tile_k):
   """Key-tile segments visited by query tile ``q_tile`` (int32, any shape, traced or not)."""
-  length = num_queries // 2
+  length = stream_length(kind, num_queries)
   return _segments(kind, "fwd", q_tile, n_rows=num_queries, n_cols=num_keys,
                    block_size=block_size, tile_r=tile_q, tile_c=tile_k,
                    n_queries=num_queries, length=length)
@@ -189,7 +219,7 @@ def key_tile_segments(kind, q_tile, *, num_queries, num_keys, block_size, tile_q
 
 def query_tile_segments(kind, k_tile, *, num_queries, num_keys, block_size, tile_q, tile_k):
   """Query-tile segments that see key tile ``k_tile`` (the dK/dV kernel's loop bounds)."""
-  length = num_queries // 2
+  length = stream_length(kind, num_queries)
   return _segments(kind, "bwd", k_tile, n_rows=num_keys, n_cols=num_queries,
                    block_size=block_size, tile_r=tile_k, tile_c=tile_q,
                    n_queries=num_queries, length=length)
@@ -288,7 +318,7 @@ class _Geometry:
 
   def allowed(self, q_idx, k_idx):
     ok = mask_allowed(self.kind, q_idx, k_idx, block_size=self.block_size,
-                      seq_len=self.num_queries // 2)
+                      seq_len=stream_length(self.kind, self.num_queries))
     return ok & (k_idx < self.num_keys)
 
   def key_segments(self, q_tile, tile_q, tile_k):
@@ -544,11 +574,11 @@ def _validate(q, k, v, kind, block_size):
                      "be a multiple of Hkv")
   if not isinstance(block_size, (int, np.integer)) or block_size < 1:
     raise ValueError(f"block_size must be a positive integer; got {block_size!r}")
-  if kind == "training":
-    t, s = q.shape[1], k.shape[1]
-    if t != s or t % 2 or (t // 2) % block_size:
-      raise ValueError(f"kind='training' needs T == S == 2L with L a multiple of block_size="
-                       f"{block_size}; got T={t}, S={s}")
+  if kind in TRAINING_KINDS:
+    t, s, streams = q.shape[1], k.shape[1], TRAINING_KINDS[kind] + 1
+    if t != s or t % streams or (t // streams) % block_size:
+      raise ValueError(f"kind={kind!r} needs T == S == {streams}L with L a multiple of "
+                       f"block_size={block_size}; got T={t}, S={s}")
 
 
 def block_attention(q, k, v, *, kind: str, block_size: int, sm_scale: float | None = None,
@@ -558,7 +588,7 @@ def block_attention(q, k, v, *, kind: str, block_size: int, sm_scale: float | No
 
   Args:
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] (same dtype as q).
-    kind: "causal", "block_causal" or "training".
+    kind: "causal", "block_causal", "training" or "training_shared".
     block_size: the diffusion block size B of the mask (ignored by "causal").
     sm_scale: softmax scale, default D ** -0.5.
     interpret: run the Pallas interpreter (CPU tests) instead of compiling for the GPU.
@@ -599,7 +629,7 @@ def block_attention_reference(q, k, v, *, kind: str, block_size: int,
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
                       precision=lax.Precision.HIGHEST) * scale
   allowed = mask_allowed(kind, jnp.arange(t)[:, None], jnp.arange(s)[None, :],
-                         block_size=block_size, seq_len=t // 2)
+                         block_size=block_size, seq_len=stream_length(kind, t))
   scores = jnp.where(allowed, scores, cm.MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32,

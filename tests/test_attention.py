@@ -46,6 +46,9 @@ def test_routes():
   assert (r.path, r.kind, r.block_size) == ("block", "block_causal", 4)
   r = attn.route("pallas", masks.Training(4, 8), q, k)
   assert (r.path, r.kind, r.block_size) == ("block", "training", 4)
+  shared_q, shared_k = jnp.zeros((2, 24, 4, 16)), jnp.zeros((2, 24, 2, 16))
+  r = attn.route("pallas", masks.Training(4, 8, num_noisy_streams=2), shared_q, shared_k)
+  assert (r.path, r.kind, r.block_size) == ("block", "training_shared", 4)
   assert attn.route("pallas", masks.Full(), window_q, k, kv_lengths_B=lengths).path == "window"
   assert attn.route("triton", masks.Full(), window_q, k,
                     kv_lengths_B=lengths).path == "triton_window"
@@ -56,6 +59,7 @@ def test_routes():
   # No kernel: explicit fallbacks.
   for mask, kwargs in [(masks.BlockCausal(4), dict(kv_lengths_B=lengths)),
                        (masks.Training(4, 4), {}),                   # T != 2 * seq_len
+                       (masks.Training(4, 8, 2), {}),                # T != 3 * seq_len
                        (masks.Explicit(jnp.ones((16, 16), bool)), {}),
                        (masks.Full(), dict(kv_lengths_B=lengths))]:  # T=16 is fine, see below
     r = attn.route("pallas", mask, q, k, **kwargs)
@@ -81,6 +85,7 @@ BLOCK_CASES = [
     (masks.Causal(), 40, 40, 4, 2),
     (masks.BlockCausal(8), 40, 40, 2, 2),
     (masks.Training(8, 24), 48, 48, 7, 1),
+    (masks.Training(8, 16, num_noisy_streams=2), 48, 48, 4, 2),
 ]
 
 

@@ -22,8 +22,9 @@ SMALL = bk.Tiling(fwd_q=32, fwd_k=16, dq_q=16, dq_k=32, dkv_q=32, dkv_k=16)
 
 
 def _mask_object(kind, block_size, num_queries):
-  if kind == "training":
-    return masks.Training(block_size, num_queries // 2)
+  if kind in bk.TRAINING_KINDS:
+    return masks.Training(block_size, bk.stream_length(kind, num_queries),
+                          bk.TRAINING_KINDS[kind])
   return {"causal": masks.Causal(), "block_causal": masks.BlockCausal(block_size)}[kind]
 
 
@@ -42,10 +43,10 @@ def dense_tile_classes(kind, num_queries, num_keys, block_size, tile_q, tile_k):
 
 @pytest.mark.parametrize("kind", bk.KINDS)
 def test_mask_allowed_matches_masks_module(kind):
-  t = 96
+  t = 144 if kind == "training_shared" else 96   # L = 48 for both training kinds
   for block_size in (8, 16, 48):
     got = np.asarray(bk.mask_allowed(kind, np.arange(t)[:, None], np.arange(t)[None, :],
-                                     block_size=block_size, seq_len=t // 2))
+                                     block_size=block_size, seq_len=bk.stream_length(kind, t)))
     np.testing.assert_array_equal(got, masks.dense(_mask_object(kind, block_size, t), t, t))
 
 
@@ -57,14 +58,18 @@ CASES = [
     ("training", 128, 128, 16, 16, 32), ("training", 128, 128, 32, 64, 16),
     ("training", 96, 96, 16, 32, 32),   # L=48: tiles straddle the x_t / x_0 boundary
     ("training", 112, 112, 8, 16, 64),  # L=56
+    ("training_shared", 192, 192, 32, 64, 16),  # L=64: tiles inside the streams
+    ("training_shared", 144, 144, 16, 16, 32),  # L=48: tiles straddle stream boundaries
+    ("training_shared", 168, 168, 8, 16, 64),   # L=56
+    ("training_shared", 96, 96, 8, 64, 64),     # L=32: the first tile spans two noisy streams
 ]
 
 
 @pytest.mark.parametrize("kind,t,s,block_size,tile_q,tile_k", CASES)
 def test_visited_tiles_match_dense_mask(kind, t, s, block_size, tile_q, tile_k):
   ref = dense_tile_classes(kind, t, s, block_size, tile_q, tile_k)
-  length = t // 2
-  aligned = kind != "training" or (length % tile_q == 0 and length % tile_k == 0)
+  length = bk.stream_length(kind, t)
+  aligned = length is None or (length % tile_q == 0 and length % tile_k == 0)
   for direction in ("fwd", "bwd"):
     got = bk.visited_tiles(kind, num_queries=t, num_keys=s, block_size=block_size,
                            tile_q=tile_q, tile_k=tile_k, direction=direction)
@@ -98,6 +103,19 @@ def test_training_mask_at_4096_skips_three_quarters():
   assert 0.24 < allowed.mean() < 0.26
 
 
+def test_shared_clean_stream_visits_three_quarters_of_two_views_tiles():
+  """x_t^A ++ x_t^B ++ x_0 (3L) against two x_t ++ x_0 sequences (2L each): L = 1024, B = 32,
+  64 x 64 tiles. Both noisy streams read the one clean stream, so a quarter of the tiles go."""
+  length, block_size = 1024, 32
+  for direction in ("fwd", "bwd"):
+    shared = bk.visited_tiles("training_shared", num_queries=3 * length, num_keys=3 * length,
+                              block_size=block_size, tile_q=64, tile_k=64, direction=direction)
+    two = bk.visited_tiles("training", num_queries=2 * length, num_keys=2 * length,
+                           block_size=block_size, tile_q=64, tile_k=64, direction=direction)
+    ratio = int((shared > 0).sum()) / (2 * int((two > 0).sum()))
+    assert 0.73 < ratio < 0.77, (direction, ratio)
+
+
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -118,6 +136,8 @@ KERNEL_CASES = [
     ("block_causal", 40, 56, 2, 2, 24, 8, jnp.float32),
     ("training", 48, 48, 7, 1, 16, 8, jnp.float32),
     ("training", 64, 64, 4, 2, 32, 16, jnp.bfloat16),
+    ("training_shared", 72, 72, 7, 1, 16, 8, jnp.float32),    # L=24
+    ("training_shared", 96, 96, 4, 2, 32, 16, jnp.bfloat16),  # L=32
 ]
 
 
@@ -184,6 +204,8 @@ def test_rejects_bad_arguments():
     bk.block_attention(q, k, k, kind="sliding", block_size=8, interpret=True)
   with pytest.raises(ValueError, match="2L"):
     bk.block_attention(q, k, k, kind="training", block_size=16, interpret=True)  # L=24
+  with pytest.raises(ValueError, match="3L"):
+    bk.block_attention(q, k, k, kind="training_shared", block_size=32, interpret=True)  # L=16
   with pytest.raises(ValueError, match="power of two"):
     bk.Tiling(fwd_q=48)
   with pytest.raises(ValueError, match="multiple"):
@@ -215,8 +237,9 @@ def lower_for_gpu(fn, *args):
 
 @pytest.mark.parametrize("kind", bk.KINDS)
 def test_forward_and_backward_lower_to_triton(kind):
-  q = jnp.zeros((1, 320, 12, 128), jnp.bfloat16)
-  k = jnp.zeros((1, 320, 2, 128), jnp.bfloat16)
+  t = 384 if kind == "training_shared" else 320
+  q = jnp.zeros((1, t, 12, 128), jnp.bfloat16)
+  k = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
 
   def fwd_bwd(q, k, v):
     out, vjp = jax.vjp(lambda *a: bk.block_attention(*a, kind=kind, block_size=32), q, k, v)

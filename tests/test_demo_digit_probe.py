@@ -35,7 +35,29 @@ def test_batched_block_inputs_equal_one_truncated_forward_per_position():
     np.testing.assert_allclose(batched[row, i - 1], want, rtol=1e-4, atol=1e-4)
 
 
-def test_report_counts_every_answer_token_in_both_settings(capsys):
+def test_prefix_setting_equals_one_truncated_forward_per_position():
+  tokenizer, model = load_tokenizer(demo.AR_BASE_DIR), load_model(demo.AR_BASE_DIR)
+  ids, labels = encode_chat(tokenizer, task.generate("test", 1, 4)[0].to_chat()["messages"])
+  ids, labels = pad_to_block(np.asarray(ids), np.asarray(labels), 32, tokenizer.mask_id)
+  targets = np.flatnonzero(labels != -100)[[0, 3, 20, -1]]
+  batched = np.asarray(probe._explicit_mask_logits()(
+      model, np.repeat(ids[None], len(targets), axis=0).astype(np.int32),
+      probe.prefix_allowed(targets, len(ids), 32)))
+  for row, i in enumerate(targets):
+    want = np.asarray(compute_logits(model, ids[None, :i], attention="block_causal",
+                                     block_size=32))[0, i - 1]
+    np.testing.assert_allclose(batched[row, i - 1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_infill_rows_hide_exactly_the_target():
+  ids = np.arange(10, 20)
+  rows = probe.infill_inputs(ids, np.array([2, 7]), mask_id=99)
+  np.testing.assert_array_equal(rows != ids[None], [[j == 2 for j in range(10)],
+                                                    [j == 7 for j in range(10)]])
+  assert (rows[rows != ids[None]] == 99).all()
+
+
+def test_report_counts_every_answer_token_in_every_setting(capsys):
   reports = probe.main(["--model", demo.AR_BASE_DIR, "--num_problems", "3", "--examples", "2"])
   (report,) = reports
   assert '"model"' in capsys.readouterr().out

@@ -24,10 +24,13 @@ def test_cpu_smoke_run_reports_every_section(tmp_path):
   assert {r["name"] for r in checks} >= {"pallas_window_float32", "cudnn_Training",
                                          "attention_pallas_Training", "attention_pallas_Full"}
   train = {(r["impl"], r["mode"]) for r in records if r["section"] == "train"}
-  assert train == {(i, m) for i in ("pallas", "xla", "cudnn") for m in ("fwd", "fwd+bwd")}
+  assert train == {(i, m) for i in ("pallas", "xla", "cudnn", "pallas[shared]")
+                   for m in ("fwd", "fwd+bwd")}
+  shared = [r for r in records if r.get("impl") == "pallas[shared]"]
+  assert all(r["speedup_vs_pallas_two_rows"] > 0 and r["tokens"] == 96 for r in shared)
   decode = [r for r in records if r["section"] == "decode"]
   assert {r["impl"] for r in decode} == {"pallas", "xla", "cudnn"}
-  for r in decode + [r for r in records if r["section"] == "train"]:
+  for r in decode + [r for r in records if r["section"] == "train" and r not in shared]:
     assert r["ms"] > 0 and r["tflops"] > 0 and r["speedup_vs_xla"] > 0
     if r["impl"] == "pallas":   # baselines are measured first: both ratios present
       assert r["speedup_vs_cudnn"] > 0

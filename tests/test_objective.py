@@ -73,6 +73,57 @@ def test_sample_block_masks_statistics():
     objective.sample_block_masks(jax.random.key(0), jnp.zeros((2, 30), jnp.int32), 8)
 
 
+def test_clipped_mask_ratio_range_matches_explicit_reference():
+  ids, labels = _batch(5, rows=4, seq_len=32)
+  rng = jax.random.key(11)
+  lo, hi = 0.2, 0.45
+  got = np.asarray(objective.sample_block_masks(rng, jnp.asarray(labels), 8,
+                                                mask_ratio_range=(lo, hi)))
+  t_rng, m_rng = jax.random.split(rng)
+  u_t = np.asarray(jax.random.uniform(t_rng, (4, 4)))
+  t = np.maximum(np.float32(lo), u_t * (np.float32(hi) - np.float32(lo)) + np.float32(lo))
+  assert ((t >= lo) & (t < hi)).all()
+  u = np.asarray(jax.random.uniform(m_rng, (4, 32)))
+  p = (np.float32(1 - 1e-3) * np.repeat(t, 8, axis=1) + np.float32(1e-3)).astype(np.float32)
+  np.testing.assert_array_equal(got, (u < p) & (labels != IGNORE))
+
+
+def test_clipped_mask_ratio_statistics():
+  labels = jnp.zeros((256, 64), jnp.int32)
+  m = np.asarray(objective.sample_block_masks(jax.random.key(0), labels, 32,
+                                              mask_ratio_range=(0.0, 0.3)))
+  per_block = m.reshape(256, 2, 32).mean(-1)
+  assert abs(per_block.mean() - 0.15) < 0.02
+  assert per_block.max() < 0.6  # no block near the reference's heavy end
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.5), (-0.1, 0.5), (0.2, 1.5), (0.6, 0.3), (0.1,), "ab",
+                                 None])
+def test_mask_ratio_range_errors(bad):
+  with pytest.raises(ValueError, match="mask_ratio_range"):
+    objective.sample_block_masks(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), 8,
+                                 mask_ratio_range=bad)
+
+
+def test_sample_view_masks_complementary_and_independent():
+  _, labels = _batch(6, rows=8, seq_len=64)
+  labels = jnp.asarray(labels)
+  supervised = np.asarray(labels != IGNORE)
+  rng = jax.random.key(4)
+  a, b = (np.asarray(x) for x in objective.sample_view_masks(rng, labels, 16))
+  np.testing.assert_array_equal(a, np.asarray(objective.sample_block_masks(rng, labels, 16)))
+  np.testing.assert_array_equal(a ^ b, supervised)  # the reference: a partition
+  a, b = (np.asarray(x) for x in objective.sample_view_masks(
+      rng, labels, 16, mask_ratio_range=(0.0, 0.3), complementary=False))
+  a_rng, b_rng = jax.random.split(rng)
+  for got, r in ((a, a_rng), (b, b_rng)):
+    np.testing.assert_array_equal(got, np.asarray(objective.sample_block_masks(
+        r, labels, 16, mask_ratio_range=(0.0, 0.3))))
+  assert not (a | b)[~supervised].any()
+  assert (a & b).any() and ((~a & ~b) & supervised).any()  # neither disjoint nor covering
+  assert a.sum() < 0.3 * supervised.sum() and b.sum() < 0.3 * supervised.sum()
+
+
 def test_complementary_views_partition_the_labels():
   ids, labels = _batch(1, rows=4, seq_len=32)
   view_a = objective.sample_block_masks(jax.random.key(3), jnp.asarray(labels), 8)
@@ -88,15 +139,18 @@ def test_complementary_views_partition_the_labels():
   np.testing.assert_array_equal(view_labels[4:], np.where(masked_b, labels, IGNORE))
 
 
-def _per_example_reference(model, ids, labels, view_a, block_size):
-  """Loops over rows and views, each a [1, 2L] forward under an explicit spec mask."""
+def _per_example_reference(model, ids, labels, view_a, block_size, view_b=None):
+  """Loops over rows and views, each a [1, 2L] forward under an explicit spec mask.
+
+  View B: ``view_b`` where given, else the complement of view A."""
+  view_b = ~view_a if view_b is None else view_b
   seq_len = ids.shape[1]
   allowed = masks.Explicit(jnp.asarray(_spec_mask(block_size, seq_len)))
   positions = np.concatenate([np.arange(seq_len), np.arange(seq_len)])[None]
   forward = nnx.jit(lambda m, tokens, pos: m(tokens, pos, mask=allowed)[0])
   total, count = 0.0, 0
   for n in range(ids.shape[0]):
-    for masked in (view_a[n] & (labels[n] != IGNORE), ~view_a[n] & (labels[n] != IGNORE)):
+    for masked in (view_a[n] & (labels[n] != IGNORE), view_b[n] & (labels[n] != IGNORE)):
       x_t = np.where(masked, MASK_ID, ids[n])
       tokens = np.concatenate([x_t, ids[n]])[None]
       logits = forward(model, jnp.asarray(tokens), jnp.asarray(positions))
@@ -127,6 +181,21 @@ def test_loss_equals_per_example_computation(tiny_model):
   want = _per_example_reference(tiny_model, ids, labels, view_a, 4)
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   assert float(metrics["num_label_tokens"]) == (labels[:, 1:] != IGNORE).sum()
+
+
+def test_loss_with_an_independent_view_b(tiny_model):
+  ids, labels = _batch(7, rows=3, seq_len=16)
+  view_a, view_b = (np.asarray(v) for v in objective.sample_view_masks(
+      jax.random.key(8), jnp.asarray(labels), 4, mask_ratio_range=(0.1, 0.6),
+      complementary=False))
+  args = (tiny_model, jnp.asarray(ids), jnp.asarray(labels), jnp.asarray(view_a))
+  loss, _ = _bd_loss(*args, jnp.asarray(view_b), block_size=4, mask_id=MASK_ID)
+  want = _per_example_reference(tiny_model, ids, labels, view_a, 4, view_b=view_b)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  # An explicit complement is the default view B.
+  explicit, _ = _bd_loss(*args, jnp.asarray(~view_a), block_size=4, mask_id=MASK_ID)
+  default, _ = _bd_loss(*args, block_size=4, mask_id=MASK_ID)
+  assert float(explicit) == float(default) != float(loss)
 
 
 def test_loss_matches_torch_reference_formulation(tiny_qwen_dir, tiny_model):
@@ -238,6 +307,33 @@ def test_chunked_loss_and_gradients_equal_unchunked(objective_name, tied, chunk)
   assert float(want_loss) > 0
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("complementary", [True, False])
+@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
+def test_shared_clean_stream_equals_two_rows(complementary, attention_impl):
+  """x_t^A ++ x_t^B ++ x_0 [N, 3L] gives the loss and gradients of two x_t ++ x_0 rows."""
+  config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+  graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(5)))
+  ids, labels = _batch(9, rows=3, seq_len=32, vocab=60)
+  ids, labels = jnp.asarray(ids), jnp.asarray(labels)
+  view_a, view_b = objective.sample_view_masks(jax.random.key(6), labels, 8,
+                                               complementary=complementary)
+
+  def loss_and_grads(shared, impl):
+    def loss_fn(state):
+      return objective.block_diffusion_loss(
+          nnx.merge(graphdef, state), ids, labels, view_a, view_b, block_size=8, mask_id=63,
+          attention_impl=impl, loss_chunk_size=7, share_clean_stream=shared)[0]
+    return jax.jit(jax.value_and_grad(loss_fn))(state)
+
+  want_loss, want_grads = loss_and_grads(False, "xla")
+  loss, grads = loss_and_grads(True, attention_impl)
+  assert float(want_loss) > 0
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-6)
 
 
 def test_chunked_head_sums_count_only_real_positions():

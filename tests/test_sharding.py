@@ -96,12 +96,14 @@ def _losses(config, workdir, mesh):
 def test_mesh_2x2x2_matches_one_device(tmp_path):
   """(data 2, fsdp 2, tensor 2) on 8 simulated devices == 1 device, float32, 5 steps.
 
-  The sharded run also chunks the LM head + CE (7 positions, not a divisor of 31), the
-  reference does not: chunking under a mesh changes nothing either."""
+  The sharded run also chunks the LM head + CE (7 positions, not a divisor of 31) and shares
+  the clean stream between the views, the reference does neither: under a mesh they change
+  nothing either."""
   one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   eight = sharding.make_mesh((2, 2, 2))
   ref, _ = _losses(_tiny_config(loss_chunk_size=None), tmp_path / "one", one)
-  got, trainer = _losses(_tiny_config(loss_chunk_size=7), tmp_path / "eight", eight)
+  got, trainer = _losses(_tiny_config(loss_chunk_size=7, share_clean_stream=True),
+                         tmp_path / "eight", eight)
   assert len(ref) == 5 and ref[-1] < ref[0]
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   q = trainer.final_state["params"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]

@@ -43,6 +43,7 @@ CASES = [
     ("block-causal-padded-mqa", masks.BlockCausal(32), 200, 4, 1, TILE_128, None),
     ("training-aligned-gqa2", masks.Training(32, 128), 256, 4, 2, TILE_128, None),
     ("training-padded-gqa3", masks.Training(8, 120), 240, 6, 2, TILE_128, None),
+    ("training-shared-padded-gqa2", masks.Training(16, 80, 2), 240, 4, 2, TILE_128, None),
     ("full-padded-mha-lengths", masks.Full(), 200, 2, 2, TILE_128, (200, 77)),
     ("block-causal-24-tiles", masks.BlockCausal(24), 240, 4, 2, TILE_128, None),
     ("block-causal-default-blocks", masks.BlockCausal(32), 384, 2, 1, None, None),
@@ -73,17 +74,18 @@ def test_bfloat16_close_to_xla():
 
 
 @pytest.mark.parametrize("mask", [masks.Causal(), masks.BlockCausal(32), masks.BlockCausal(16),
-                                  masks.Training(32, 96), masks.Full()], ids=repr)
+                                  masks.Training(32, 96), masks.Training(32, 64, 2),
+                                  masks.Training(16, 48, 2), masks.Full()], ids=repr)
 def test_kernel_mask_function_equals_mask(mask):
   """The shift/compare form the kernel evaluates equals the mask, on numpy and jnp inputs."""
   fn = splash.kernel_mask_fn(mask)
-  n = 192
+  n = mask.total_len if isinstance(mask, masks.Training) else 192
   want = masks.dense(mask, n, n)
   q, k = np.arange(n)[:, None], np.arange(n)[None, :]
   np.testing.assert_array_equal(np.broadcast_to(fn(q, k), (n, n)), want)
   np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(q), jnp.asarray(k))), want)
-  hidden_keys = splash.kernel_mask_fn(mask, 150)(q, k)
-  np.testing.assert_array_equal(hidden_keys, want & (k < 150))
+  hidden_keys = splash.kernel_mask_fn(mask, n - 42)(q, k)
+  np.testing.assert_array_equal(hidden_keys, want & (k < n - 42))
   assert splash.kernel_mask_fn(mask) is fn  # cached: one static kernel argument per mask
   assert splash.kernel_mask_fn(masks.BlockCausal(24)) is None  # not a power of two: tile mask
 

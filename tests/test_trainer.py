@@ -145,6 +145,31 @@ def _one_device():
   return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
 
 
+def _run_losses(config, workdir):
+  trainer = trainer_lib.Trainer(config, str(workdir), mesh=_one_device())
+  try:
+    return np.array([h["loss"] for h in trainer.run()])
+  finally:
+    trainer.close()
+
+
+def test_independent_clipped_views_train_and_accumulate(tmp_path):
+  """The non-reference noise options reach the loss, also through gradient accumulation."""
+  options = dict(num_steps=2, mask_ratio_range=(0.0, 0.3), complementary_masks=False)
+  reference = _run_losses(_tiny_config(num_steps=2), tmp_path / "reference")
+  clipped = _run_losses(_tiny_config(**options), tmp_path / "clipped")
+  accumulated = _run_losses(_tiny_config(grad_accum_steps=2, **options), tmp_path / "accum")
+  assert np.isfinite(clipped).all() and not np.allclose(clipped, reference)
+  np.testing.assert_allclose(accumulated, clipped, rtol=1e-5)
+
+
+def test_shared_clean_stream_trains_like_two_rows(tmp_path):
+  two_rows = _run_losses(_tiny_config(num_steps=3), tmp_path / "two_rows")
+  shared = _run_losses(_tiny_config(num_steps=3, share_clean_stream=True), tmp_path / "shared")
+  assert two_rows[-1] < two_rows[0]
+  np.testing.assert_allclose(shared, two_rows, rtol=1e-5)
+
+
 def test_incompatible_checkpoint_in_workdir_is_an_error(tmp_path):
   trainer = trainer_lib.Trainer(_tiny_config(num_steps=1), str(tmp_path), mesh=_one_device())
   trainer.run()
@@ -251,6 +276,10 @@ def test_learning_rate_schedule():
     ("init", "magic", "init='magic'"),
     ("data_files", "", "data_files is empty"),
     ("compute_dtype", "float16", "compute_dtype='float16' is not supported"),
+    ("mask_ratio_range", (0.5, 0.2), "mask_ratio_range must satisfy"),
+    ("mask_ratio_range", 0.3, "mask_ratio_range must be two numbers"),
+    ("complementary_masks", "no", "complementary_masks must be True or False"),
+    ("share_clean_stream", 1, "share_clean_stream must be True or False"),
 ])
 def test_config_errors(field, value, message):
   with pytest.raises(ValueError, match=message):

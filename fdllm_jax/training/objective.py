@@ -8,6 +8,13 @@ Block diffusion (spec section 3), for ``input_ids`` / ``labels`` [N, L] with ``L
    exists. This is view A; view B is its complement on the labelled tokens, so every label
    token is masked in exactly one view. The randomness lives here, outside the loss, so the
    loss is a deterministic function that tests can check exactly.
+
+   Two options leave the reference recipe (both off by default; ``sample_view_masks``):
+   ``mask_ratio_range=(lo, hi)`` draws ``t ~ U(lo, hi)`` (a clipped schedule, as in BD3-LM),
+   and ``complementary=False`` draws view B independently instead of as the complement. With
+   complementary views a clipped range only mirrors into view B (rates 1 - t), so clipping
+   needs independent views to change what the model sees. The bundled demo measured both
+   (README, "What the demo shows").
 2. ``block_diffusion_loss`` builds, per view, ``x_t`` (labelled tokens of the view replaced by
    MASK) and the input ``x_t ++ x_0`` [2N, 2L] with RoPE positions ``0..L-1`` twice, runs the
    model under ``masks.Training(B, L)``, keeps the hidden states of the ``x_t`` half, and takes
@@ -15,6 +22,12 @@ Block diffusion (spec section 3), for ``input_ids`` / ``labels`` [N, L] with ``L
    across block boundaries) on the positions masked in that view.
 3. The summed CE of both views is divided by the number of supervised (shifted) label tokens
    of the original batch: a per-token mean, no ``1/t`` weighting.
+
+``share_clean_stream=True`` computes the same loss from one sequence per row,
+``x_t^A ++ x_t^B ++ x_0`` [N, 3L] under ``masks.Training(B, L, num_noisy_streams=2)``, instead
+of two ``x_t ++ x_0`` rows [2N, 2L]. The clean stream attends only to itself, so its hidden
+states are the same in both views and one copy serves both: a quarter less dense work (3L
+tokens per row instead of 4L) and a quarter fewer attention tiles for the block kernels.
 
 The denominator counts ``labels[:, 1:] != IGNORE``: a label on the first position of a window
 can never be predicted by a shifted logit, so it is left out of both the sum and the count.
@@ -46,28 +59,64 @@ def check_block_shape(seq_len: int, block_size: int) -> None:
                      f"{block_size} (the block-diffusion objective masks whole blocks)")
 
 
-def sample_block_masks(rng, labels_NxL, block_size: int):
-  """The view-A mask, bool [N, L]: per-block Bernoulli(p) masking of the labelled tokens."""
+def check_mask_ratio_range(mask_ratio_range) -> tuple[float, float]:
+  """``(lo, hi)`` as floats; ValueError unless ``0 <= lo < hi <= 1``."""
+  try:
+    lo, hi = (float(x) for x in mask_ratio_range)
+  except (TypeError, ValueError):
+    raise ValueError(f"mask_ratio_range must be two numbers (lo, hi); got {mask_ratio_range!r}")
+  if not 0.0 <= lo < hi <= 1.0:
+    raise ValueError(f"mask_ratio_range must satisfy 0 <= lo < hi <= 1; got {mask_ratio_range!r} "
+                     f"(the reference draws t ~ U(0, 1))")
+  return lo, hi
+
+
+def sample_block_masks(rng, labels_NxL, block_size: int, *, mask_ratio_range=(0.0, 1.0)):
+  """The view-A mask, bool [N, L]: per-block Bernoulli(p) masking of the labelled tokens.
+
+  Per block ``t ~ U(*mask_ratio_range)`` (the reference: U(0, 1)) and
+  ``p = (1 - MASK_EPS) t + MASK_EPS``.
+  """
+  lo, hi = check_mask_ratio_range(mask_ratio_range)
   num_rows, seq_len = labels_NxL.shape
   check_block_shape(seq_len, block_size)
   num_blocks = seq_len // block_size
   t_rng, m_rng = jax.random.split(rng)
-  t_NxK = jax.random.uniform(t_rng, (num_rows, num_blocks), jnp.float32)
+  t_NxK = jax.random.uniform(t_rng, (num_rows, num_blocks), jnp.float32, lo, hi)
   p_NxK = (1.0 - MASK_EPS) * t_NxK + MASK_EPS
   p_NxL = jnp.repeat(p_NxK, block_size, axis=1)
   draws_NxL = jax.random.uniform(m_rng, (num_rows, seq_len), jnp.float32)
   return (draws_NxL < p_NxL) & (labels_NxL != IGNORE)
 
 
-def complementary_views(input_ids_NxL, labels_NxL, view_a_mask_NxL, mask_id: int):
+def sample_view_masks(rng, labels_NxL, block_size: int, *, mask_ratio_range=(0.0, 1.0),
+                      complementary: bool = True):
+  """(view-A mask, view-B mask), bool [N, L] each, restricted to the labelled tokens.
+
+  ``complementary`` (the reference): view B masks exactly the labelled tokens view A keeps, and
+  view A is ``sample_block_masks(rng, ...)``. Otherwise both views are drawn independently.
+  """
+  if complementary:
+    view_a = sample_block_masks(rng, labels_NxL, block_size, mask_ratio_range=mask_ratio_range)
+    return view_a, ~view_a & (labels_NxL != IGNORE)
+  a_rng, b_rng = jax.random.split(rng)
+  return tuple(sample_block_masks(r, labels_NxL, block_size, mask_ratio_range=mask_ratio_range)
+               for r in (a_rng, b_rng))
+
+
+def complementary_views(input_ids_NxL, labels_NxL, view_a_mask_NxL, mask_id: int,
+                        view_b_mask_NxL=None):
   """Noisy inputs and labels of both views, stacked on the batch axis: ([2N, L], [2N, L]).
 
-  View A masks the labelled tokens selected by ``view_a_mask``, view B the other labelled
-  tokens; labels survive only where the token was replaced by MASK.
+  View A masks the labelled tokens selected by ``view_a_mask``, view B those selected by
+  ``view_b_mask`` (default: the other labelled tokens, the reference's complement); labels
+  survive only where the token was replaced by MASK.
   """
   supervised = labels_NxL != IGNORE
+  if view_b_mask_NxL is None:
+    view_b_mask_NxL = ~view_a_mask_NxL
   masked_a = view_a_mask_NxL & supervised
-  masked_b = ~view_a_mask_NxL & supervised
+  masked_b = view_b_mask_NxL & supervised
   masked_2NxL = jnp.concatenate([masked_a, masked_b], axis=0)
   ids_2NxL = jnp.concatenate([input_ids_NxL, input_ids_NxL], axis=0)
   labels_2NxL = jnp.concatenate([labels_NxL, labels_NxL], axis=0)
@@ -135,34 +184,60 @@ def head_shifted_cross_entropy_sums(logits_fn, hidden_BxTxD, labels_BxT,
   return ce_sum, count
 
 
-def block_diffusion_loss_sums(model, input_ids_NxL, labels_NxL, view_a_mask_NxL, *,
-                              block_size: int, mask_id: int, attention_impl: str | None = None,
-                              loss_chunk_size: int | None = None):
-  """(CE summed over both views, number of label tokens of the original batch)."""
+def _noisy_hidden_two_rows(model, noisy_2NxL, input_ids_NxL, *, block_size, attention_impl):
+  """Hidden states [2N, L, D] of the noisy streams: each view its own x_t ++ x_0 row."""
+  seq_len = input_ids_NxL.shape[1]
+  clean_2NxL = jnp.concatenate([input_ids_NxL, input_ids_NxL], axis=0)
+  tokens_2Nx2L = jnp.concatenate([noisy_2NxL, clean_2NxL], axis=1)
+  positions_2L = jnp.tile(jnp.arange(seq_len, dtype=jnp.int32), 2)
+  hidden, _ = model(tokens_2Nx2L, jnp.broadcast_to(positions_2L, tokens_2Nx2L.shape),
+                    mask=masks_lib.Training(block_size, seq_len), attention_impl=attention_impl,
+                    return_hidden=True)
+  return hidden[:, :seq_len]
+
+
+def _noisy_hidden_shared_clean(model, noisy_2NxL, input_ids_NxL, *, block_size, attention_impl):
+  """The same [2N, L, D] from one x_t^A ++ x_t^B ++ x_0 row per sample."""
+  num_rows, seq_len = input_ids_NxL.shape
+  tokens_Nx3L = jnp.concatenate([noisy_2NxL[:num_rows], noisy_2NxL[num_rows:], input_ids_NxL],
+                                axis=1)
+  positions_3L = jnp.tile(jnp.arange(seq_len, dtype=jnp.int32), 3)
+  hidden, _ = model(tokens_Nx3L, jnp.broadcast_to(positions_3L, tokens_Nx3L.shape),
+                    mask=masks_lib.Training(block_size, seq_len, num_noisy_streams=2),
+                    attention_impl=attention_impl, return_hidden=True)
+  return jnp.concatenate([hidden[:, :seq_len], hidden[:, seq_len:2 * seq_len]], axis=0)
+
+
+def block_diffusion_loss_sums(model, input_ids_NxL, labels_NxL, view_a_mask_NxL,
+                              view_b_mask_NxL=None, *, block_size: int, mask_id: int,
+                              attention_impl: str | None = None,
+                              loss_chunk_size: int | None = None,
+                              share_clean_stream: bool = False):
+  """(CE summed over both views, number of label tokens of the original batch).
+
+  ``view_b_mask`` None: view B is view A's complement (the reference).
+  """
   num_rows, seq_len = input_ids_NxL.shape
   check_block_shape(seq_len, block_size)
   noisy_2NxL, view_labels_2NxL = complementary_views(input_ids_NxL, labels_NxL,
-                                                     view_a_mask_NxL, mask_id)
-  clean_2NxL = jnp.concatenate([input_ids_NxL, input_ids_NxL], axis=0)
-  tokens_2Nx2L = jnp.concatenate([noisy_2NxL, clean_2NxL], axis=1)
-  positions_L = jnp.arange(seq_len, dtype=jnp.int32)
-  positions_2Nx2L = jnp.broadcast_to(jnp.concatenate([positions_L, positions_L]),
-                                     tokens_2Nx2L.shape)
-  hidden, _ = model(tokens_2Nx2L, positions_2Nx2L, mask=masks_lib.Training(block_size, seq_len),
-                    attention_impl=attention_impl, return_hidden=True)
-  ce_sum, _ = head_shifted_cross_entropy_sums(model.logits, hidden[:, :seq_len], view_labels_2NxL,
+                                                     view_a_mask_NxL, mask_id, view_b_mask_NxL)
+  noisy_hidden = _noisy_hidden_shared_clean if share_clean_stream else _noisy_hidden_two_rows
+  hidden_2NxLxD = noisy_hidden(model, noisy_2NxL, input_ids_NxL, block_size=block_size,
+                               attention_impl=attention_impl)
+  ce_sum, _ = head_shifted_cross_entropy_sums(model.logits, hidden_2NxLxD, view_labels_2NxL,
                                               loss_chunk_size)
   num_labels = jnp.sum(labels_NxL[:, 1:] != IGNORE).astype(jnp.float32)
   return ce_sum, num_labels
 
 
-def block_diffusion_loss(model, input_ids_NxL, labels_NxL, view_a_mask_NxL, *, block_size: int,
-                         mask_id: int, attention_impl: str | None = None,
-                         loss_chunk_size: int | None = None):
-  """Fast-dLLM v2 loss: (per-token mean CE over both complementary views, metrics dict)."""
+def block_diffusion_loss(model, input_ids_NxL, labels_NxL, view_a_mask_NxL, view_b_mask_NxL=None,
+                         *, block_size: int, mask_id: int, attention_impl: str | None = None,
+                         loss_chunk_size: int | None = None, share_clean_stream: bool = False):
+  """Fast-dLLM v2 loss: (per-token mean CE over both views, metrics dict)."""
   ce_sum, num_labels = block_diffusion_loss_sums(
-      model, input_ids_NxL, labels_NxL, view_a_mask_NxL, block_size=block_size, mask_id=mask_id,
-      attention_impl=attention_impl, loss_chunk_size=loss_chunk_size)
+      model, input_ids_NxL, labels_NxL, view_a_mask_NxL, view_b_mask_NxL,
+      block_size=block_size, mask_id=mask_id, attention_impl=attention_impl,
+      loss_chunk_size=loss_chunk_size, share_clean_stream=share_clean_stream)
   loss = ce_sum / jnp.maximum(num_labels, 1.0)
   return loss, {"loss": loss, "ce_sum": ce_sum, "num_label_tokens": num_labels}
 
