@@ -12,9 +12,9 @@ Block diffusion (spec section 3), for ``input_ids`` / ``labels`` [N, L] with ``L
    Two options leave the reference recipe (both off by default; ``sample_view_masks``):
    ``mask_ratio_range=(lo, hi)`` draws ``t ~ U(lo, hi)`` (a clipped schedule, as in BD3-LM),
    and ``complementary=False`` draws view B independently instead of as the complement. With
-   complementary views a clipped range only mirrors into view B (rates 1 - t), so clipping
-   needs independent views to change what the model sees. The bundled demo measured both
-   (README, "What the demo shows").
+   complementary views view B's rate is 1 - t: a clipped range gives view A rates in [lo, hi]
+   and view B rates in [1 - hi, 1 - lo]. The demo measured both (README, "What the demo
+   shows").
 2. ``block_diffusion_loss`` builds, per view, ``x_t`` (labelled tokens of the view replaced by
    MASK) and the input ``x_t ++ x_0`` [2N, 2L] with RoPE positions ``0..L-1`` twice, runs the
    model under ``masks.Training(B, L)``, keeps the hidden states of the ``x_t`` half, and takes
