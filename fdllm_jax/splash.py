@@ -2,17 +2,17 @@
 
 ``fdllm_jax.attention.attention(..., implementation="splash")`` lands in :func:`attention` here.
 
-* **No cache** (training over x_t ++ x_0 or x_t^A ++ x_t^B ++ x_0, a forward without cache): JAX's splash attention
-  (``jax.experimental.pallas.ops.tpu.splash_attention``), forward and backward through splash's
-  own custom VJP. Our mask objects become splash masks (:func:`splash_mask`): causal,
-  block-causal and the training mask are *computed inside the kernel* from the query and key
-  indices (shifts and compares only, when the block size is a power of two), so no [T, S]
-  array is ever built; other masks are evaluated lazily per tile and only the tiles the mask
-  cuts are stored. Splash's mask info, which lists the tiles to visit, costs a Python pass over
-  every tile to build: kernels are cached per (mask, shape, heads, block sizes)
-  (:func:`splash_kernel`). GQA uses splash's grouped MHA form (MQA form for one KV head);
-  the batch is a ``vmap``. Lengths that are not a multiple of the splash block are padded, the
-  padded keys hidden by the mask, the padded queries dropped.
+* **No cache** (training over x_t ++ x_0 or x_t^A ++ x_t^B ++ x_0, a forward without cache): JAX's
+  splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``), forward and backward
+  through splash's own custom VJP. Our mask objects become splash masks (:func:`splash_mask`):
+  causal, block-causal and the training mask are *computed inside the kernel* from the query and
+  key indices (shifts and compares only, when the block size is a power of two), so no [T, S]
+  array is ever built; other masks are evaluated lazily per tile and only the tiles the mask cuts
+  are stored. Splash's mask info, which lists the tiles to visit, costs a Python pass over every
+  tile to build: kernels are cached per (mask, shape, heads, block sizes) (:func:`splash_kernel`).
+  GQA uses splash's grouped MHA form (MQA form for one KV head); the batch is a ``vmap``. Lengths
+  that are not a multiple of the splash block are padded, the padded keys hidden by the mask, the
+  padded queries dropped.
 * **With a cache** (``q_offset_B`` given: decoding windows, the AR step, prefill into a cache):
   the window kernel of ``pallas_kernels.tpu_window``, which reads each row's K/V only up to its
   own length (and up to the last key the mask lets the window see), or the XLA reference
