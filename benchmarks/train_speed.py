@@ -13,7 +13,9 @@ dtypes from the gin config) on random token batches with random initial weights,
 data nor a checkpoint download is needed. The model is the config's ``model_config`` for
 ``init="scratch"``, else ``--model`` (public Qwen2.5 shapes) or ``--model_config`` (a
 config.json). Each objective in ``--objectives`` is timed in this process; one JSON line is
-printed per measurement, then one with the ratios between them. ``block_diffusion_shared`` is
+printed per measurement, then one with the ratios between them. ``--rounds N`` times the list
+N times in alternation (A, B, A, B, ...) so that a slow spell of a shared machine hits both;
+the ratios then use each objective's median step time. ``block_diffusion_shared`` is
 block diffusion with ``TrainConfig.share_clean_stream`` (x_t^A ++ x_t^B ++ x_0, one row of 3L
 per sample): the same loss from less work.
 
@@ -109,12 +111,23 @@ def main(argv=None):
                       help="override num_hidden_layers (smoke tests, per-layer scaling)")
   parser.add_argument("--objectives", default="block_diffusion,autoregressive")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per objective")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="time the objectives this many times, alternating; ratios of medians")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) first")
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="per-device peak for the MFU (default: looked up)")
   args = parser.parse_args(argv)
+  objectives = args.objectives.split(",")
+  for objective in objectives:
+    if objective not in OBJECTIVES:
+      parser.error(f"--objectives: {objective!r} is unknown; use names from {OBJECTIVES}")
+  if len(set(objectives)) != len(objectives):
+    parser.error(f"--objectives {args.objectives!r} names one twice; use --rounds to repeat")
+  if args.rounds < 1:
+    parser.error(f"--rounds must be >= 1, got {args.rounds}")
 
   import dataclasses
+  import statistics
 
   import gin
   import jax
@@ -150,10 +163,8 @@ def main(argv=None):
   ids = rng.integers(0, model_config.vocab_size - 1, shape).astype(np.int32)
   labels = ids.copy()
   labels[:, : base.seq_len // 4] = -100  # a prompt quarter without loss
-  results = {}
-  for objective in args.objectives.split(","):
-    if objective not in OBJECTIVES:
-      parser.error(f"--objectives: {objective!r} is unknown; use names from {OBJECTIVES}")
+  runs = {objective: [] for objective in objectives}
+  for objective in objectives * args.rounds:
     config = dataclasses.replace(
         base, objective=objective.removesuffix("_shared"), export=False,
         share_clean_stream=objective == "block_diffusion_shared")
@@ -187,17 +198,20 @@ def main(argv=None):
         "mfu": flops / step_s / (len(devices) * peak) if peak else None,
         "warmup_s": warmup_s, "loss": float(metrics["loss"]),
     }
-    results[objective] = record
+    runs[objective].append(record)
     print(json.dumps(record), flush=True)
     del params, opt_state, state, batch
-  names = list(results)
-  for other in names[1:]:
-    a, b = results[names[0]], results[other]
-    print(json.dumps({"benchmark": "train_speed", "ratio": f"{names[0]}/{other}",
-                      "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
-                      "step_s": a["step_s"] / b["step_s"],
-                      "model_flops_per_step": a["model_tflops_per_step"] /
-                      b["model_tflops_per_step"]}), flush=True)
+  median_step_s = {name: statistics.median(r["step_s"] for r in records)
+                   for name, records in runs.items()}
+  first = objectives[0]
+  for other in objectives[1:]:
+    # tokens per step are the same for every objective, so tokens/s is the inverse ratio
+    print(json.dumps({"benchmark": "train_speed", "ratio": f"{first}/{other}",
+                      "rounds": args.rounds,
+                      "tokens_per_s": median_step_s[other] / median_step_s[first],
+                      "step_s": median_step_s[first] / median_step_s[other],
+                      "model_flops_per_step": runs[first][0]["model_tflops_per_step"] /
+                      runs[other][0]["model_tflops_per_step"]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,24 @@ def test_unknown_objective_is_an_error(capsys):
   with pytest.raises(SystemExit):
     train_speed.main(_ARGS + ["--objectives", "block_diffusion,mdlm"])
   assert "'mdlm' is unknown" in capsys.readouterr().err
+
+
+def test_rounds_alternate_and_ratio_uses_medians(capsys):
+  train_speed.main(_ARGS + ["--objectives", "autoregressive,block_diffusion", "--rounds", "3"])
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  *records, ratio = lines
+  assert [r["objective"] for r in records] == ["autoregressive", "block_diffusion"] * 3
+  median = {name: sorted(r["step_s"] for r in records if r["objective"] == name)[1]
+            for name in ("autoregressive", "block_diffusion")}
+  assert ratio["rounds"] == 3
+  assert ratio["step_s"] == pytest.approx(median["autoregressive"] / median["block_diffusion"])
+  assert ratio["tokens_per_s"] == pytest.approx(1 / ratio["step_s"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--objectives", "block_diffusion,block_diffusion"], "names one twice"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0")])
+def test_bad_repeats_are_errors(capsys, flags, message):
+  with pytest.raises(SystemExit):
+    train_speed.main(_ARGS + flags)
+  assert message in capsys.readouterr().err
