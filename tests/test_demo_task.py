@@ -137,3 +137,23 @@ def test_tokenizer_trains_and_loads(tmp_path):
   chat = tok.apply_chat_template(problem.to_chat()["messages"][:1])
   assert chat[0] == vocab["<|im_start|>"]
   assert tok.decode(chat).endswith("<|im_start|>assistant\n")
+
+
+def test_tokenizer_whole_numbers(tmp_path):
+  from fdllm_jax import load_tokenizer
+  from fdllm_jax.demo import tokenizer_train
+  rows = [p.to_chat() for p in task.generate("train", 400, seed=0)]
+  hf_tok = tokenizer_train.train_tokenizer(tokenizer_train.chat_texts(rows), vocab_size=1024,
+                                           numbers="whole")
+  tokenizer_train.save_tokenizer(hf_tok, str(tmp_path))
+  tok = load_tokenizer(str(tmp_path))
+  problem = task.generate("test", 1, seed=0)[0]
+  ids = tok.encode(problem.solution)
+  assert tok.decode(ids) == problem.solution
+  pieces = [tok.decode([i]).strip() for i in ids]
+  numbers = [p for p in pieces if any(c.isdigit() for c in p)]
+  # the frequent numbers of the task are one token each, never glued to other text
+  assert all(p.isdigit() for p in numbers), numbers
+  assert any(len(p) == 2 for p in numbers), numbers
+  with pytest.raises(ValueError, match="numbers must be one of"):
+    tokenizer_train.train_tokenizer(["1 2"], numbers="roman")
