@@ -52,6 +52,8 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0, help="seed of the test split's problems")
   p.add_argument("--batch_sizes", default="1,8")
   p.add_argument("--thresholds", default=",".join(str(t) for t in THRESHOLDS))
+  p.add_argument("--sub_block_size", type=int, default=8,
+                  help="the reference's default 8; 1 decodes strictly left to right")
   p.add_argument("--max_new_tokens", type=int, default=128)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--out", default=os.path.join(here, "results", "demo_speed_accuracy.json"))
@@ -128,9 +130,9 @@ def main(argv=None) -> dict:
     return generate_ar(ar_model, batch, max_new_tokens=args.max_new_tokens, stop_ids=(stop_id,))
 
   def diffusion_method(threshold, dual):
-    config = DecodeConfig(block_size=block, sub_block_size=8, threshold=threshold,
-                          max_new_tokens=args.max_new_tokens, mask_id=tokenizer.mask_id,
-                          stop_ids=(stop_id,), use_dual_cache=dual)
+    config = DecodeConfig(block_size=block, sub_block_size=args.sub_block_size,
+                          threshold=threshold, max_new_tokens=args.max_new_tokens,
+                          mask_id=tokenizer.mask_id, stop_ids=(stop_id,), use_dual_cache=dual)
     return lambda batch: generate(adapted, batch, config)
 
   methods = [("ar_base", None, None, ar_method)]
@@ -141,7 +143,8 @@ def main(argv=None) -> dict:
   report = {"device": device_name(), "jax": jax.__version__, "dtype": args.dtype,
             "ar_model": os.path.relpath(args.ar), "adapted_model": os.path.relpath(args.adapted),
             "num_problems": len(problems), "split": "test", "seed": args.seed,
-            "max_new_tokens": args.max_new_tokens, "block_size": block, "sub_block_size": 8,
+            "max_new_tokens": args.max_new_tokens, "block_size": block,
+            "sub_block_size": args.sub_block_size,
             "params": adapted.config.num_params, "results": [], "forward_cost": []}
   for batch_size in batch_sizes:
     chunks = [list(range(i, min(i + batch_size, len(prompts))))

@@ -4,14 +4,15 @@
 #   bash scripts/build_demo.sh
 #
 #   1. data:      generated arithmetic word problems, chat jsonl (fdllm_jax/demo/task.py)
-#   2. tokenizer: a small byte-level BPE trained on the train split (fdllm_jax/demo/tokenizer_train.py)
+#   2. tokenizer: a small byte-level BPE trained on the train split, one token per number
+#                 (fdllm_jax/demo/tokenizer_train.py --numbers whole)
 #   3. stage 1:   autoregressive training from scratch          (configs/demo_ar.gin)
 #   4. stage 2:   Fast-dLLM v2 block-diffusion fine-tuning        (configs/demo_adapt.gin)
 #   5. export:    models/demo/ar_base and models/demo/fast_dllm (HF layout + tokenizer)
 #   6. check:     accuracy of both on 200 held-out problems, speed of both decoders
 #
-# On 2 CPU cores (session 2): data + tokenizer 7 s, stage 1 about 15 min (0.61 s a step),
-# stage 2 709 s, export 3 s: about 27 minutes with SKIP_CHECK=1.
+# On 2 CPU cores (session 5): data + tokenizer 7 s, stage 1 979 s (0.65 s a step), stage 2
+# 633 s (1.26 s a step), export 3 s: about 27 minutes with SKIP_CHECK=1.
 #
 # Work files go to workdirs/demo/. Interrupted? Run the same command again: each stage resumes
 # from its newest checkpoint. Rebuild from scratch: rm -rf workdirs/demo first.
@@ -32,7 +33,7 @@ if [ ! -f "$WORK/data/train.jsonl" ]; then
 fi
 if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
   $PYTHON -m fdllm_jax.demo.tokenizer_train --data "$WORK/data/train.jsonl" \
-      --out_dir "$WORK/tokenizer" --vocab_size 1024
+      --out_dir "$WORK/tokenizer" --vocab_size 1024 --numbers whole
 fi
 report "data + tokenizer" "$t"
 

@@ -1,0 +1,54 @@
+"""benchmarks/demo_speed_accuracy.py: every method runs on the same problems, and the report's
+accuracies and counts agree with decoding the problems directly."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from fdllm_jax import demo
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                     "demo_speed_accuracy.py")
+_spec = importlib.util.spec_from_file_location("demo_speed_accuracy", _PATH)
+demo_speed_accuracy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo_speed_accuracy)
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(demo.FAST_DLLM_DIR, "model.safetensors")),
+    reason="the bundled demo checkpoints are not in this checkout (bash scripts/build_demo.sh)")
+
+
+def test_report_matches_direct_decoding(tmp_path):
+  from fdllm_jax import load_model, load_tokenizer
+  from fdllm_jax.demo import task
+  from fdllm_jax.generate import DecodeConfig, generate
+
+  out = tmp_path / "report.json"
+  report = demo_speed_accuracy.main([
+      "--num_problems", "3", "--batch_sizes", "2", "--thresholds", "0.5", "--sub_block_size",
+      "1", "--out", str(out), "--plot", str(tmp_path / "plot.png")])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  assert (tmp_path / "plot.png").stat().st_size > 0
+  assert report["sub_block_size"] == 1 and report["num_problems"] == 3
+  rows = {(r["model"], r["threshold"], r["dual_cache"]): r for r in report["results"]}
+  assert set(rows) == {("ar_base", None, None), ("fast_dllm", 0.5, False),
+                       ("fast_dllm", 0.5, True)}
+  assert rows[("ar_base", None, None)]["speedup_vs_ar"] == 1.0
+
+  # the no-cache row, recomputed: with sub-block 1 even threshold 0.5 fixes one token a forward
+  tokenizer, model = load_tokenizer(demo.FAST_DLLM_DIR), load_model(demo.FAST_DLLM_DIR)
+  problems = task.generate("test", 3, 0)
+  prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}])
+             for p in problems]
+  config = DecodeConfig(block_size=32, sub_block_size=1, threshold=0.5, max_new_tokens=128,
+                        mask_id=tokenizer.mask_id, stop_ids=tokenizer.stop_ids[:1])
+  outs = [generate(model, prompts[i:i + 2], config) for i in (0, 2)]
+  texts = [tokenizer.decode(ids) for o in outs for ids in o.tokens]
+  correct = sum(task.is_correct(text, p.answer) for text, p in zip(texts, problems))
+  row = rows[("fast_dllm", 0.5, False)]
+  assert row["tokens"] == sum(o.num_tokens for o in outs)
+  assert row["accuracy"] == pytest.approx(correct / 3)
+  assert row["tokens_per_row_forward"] <= 1.0
+  assert len(report["forward_cost"]) == 1 and report["forward_cost"][0]["batch_size"] == 2
