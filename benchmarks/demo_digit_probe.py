@@ -17,10 +17,10 @@ before it (teacher forcing), in the two settings a model meets:
 
 Tokens are counted by kind: ``digit`` (a token of an answer's numbers, the arithmetic: one
 digit, or a whole number with the bundled tokenizer), ``block_start`` (the first token of a
-block, predicted from the previous block) and ``other``. Each wrong
-prediction records the probability the model gave the right token. Session 3 used this to show
-that the adapted model keeps about the in-block arithmetic its AR base already had under the
-block-causal mask (README, "What the demo shows").
+block, predicted from the previous block) and ``other``. Each wrong prediction records the
+probability the model gave the right token. Session 3 used this to show that the adapted model
+keeps about the in-block arithmetic its AR base already had under the block-causal mask
+(README, "What the demo shows").
 
 Writes the report as JSON to stdout (and to ``--out`` when given).
 """

@@ -8,7 +8,7 @@ process and on the same problems:
 
 - the AR base (``models/demo/ar_base``) with ``generate_ar`` (greedy);
 - the adapted model (``models/demo/fast_dllm``) with ``generate`` at each threshold, with and
-  without DualCache (greedy, block 32, sub-block 8);
+  without DualCache (greedy, block 32, sub-block 8 or `--sub_block_size`);
 
 for every batch size: accuracy (the ``\\boxed{}`` answer), generated tokens per second (wall
 clock, compilation excluded), tokens per forward and forwards. The problems are processed chunk
