@@ -4,9 +4,10 @@ Same family as Qwen2.5's: byte-level pre-tokenization (any text encodes, nothing
 By default every digit (and the space before a number) is its own pre-token, so numbers are
 sequences of single-digit tokens as in Qwen2.5; ``--numbers whole`` keeps a number one
 pre-token, so BPE turns each frequent number into one token (the bundled demo's choice). The
-ChatML tokens, ``<|endoftext|>`` and ``|<MASK>|`` are special tokens with the first ids. Saved as ``tokenizer.json`` (plus ``tokenizer_config.json``
-and ``special_tokens_map.json`` through transformers), loadable by ``fdllm_jax.load_tokenizer``
-and ``transformers.AutoTokenizer``.
+ChatML tokens, ``<|endoftext|>`` and ``|<MASK>|`` are special tokens with the first ids.
+Saved as ``tokenizer.json`` (plus ``tokenizer_config.json`` and ``special_tokens_map.json``
+through transformers), loadable by ``fdllm_jax.load_tokenizer`` and
+``transformers.AutoTokenizer``.
 """
 
 from __future__ import annotations
