@@ -63,13 +63,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    return _run(args)
-  except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-    if args.traceback:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  from fdllm_jax import cli
+
+  return cli.run_reporting_errors(_run, args)
 
 
 def _gin_bound(name: str) -> bool:
@@ -86,19 +82,18 @@ def decode_config(args, tokenizer):
   import gin
 
   import fdllm_jax
+  from fdllm_jax import cli
 
-  for path in args.gin_file:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"gin file {path!r} does not exist")
   try:
-    gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
-    config = fdllm_jax.DecodeConfig()
-    # The tokenizer knows the model's MASK and stop ids, unless gin names others.
-    overrides = {name: value for name, value in (("mask_id", tokenizer.mask_id),
-                                                 ("stop_ids", tokenizer.stop_ids))
-                 if not _gin_bound(name)}
-  except Exception as e:  # gin raises many types; all are configuration mistakes
-    raise ValueError(f"bad gin configuration: {type(e).__name__}: {e}") from None
+    cli.parse_gin(args.gin_file, args.gin_param)
+    try:
+      config = fdllm_jax.DecodeConfig()
+      # The tokenizer knows the model's MASK and stop ids, unless gin names others.
+      overrides = {name: value for name, value in (("mask_id", tokenizer.mask_id),
+                                                   ("stop_ids", tokenizer.stop_ids))
+                   if not _gin_bound(name)}
+    except Exception as e:  # gin raises many types; all are configuration mistakes
+      raise ValueError(f"bad gin configuration: {type(e).__name__}: {e}") from None
   finally:
     gin.clear_config()
   for name in ("threshold", "max_new_tokens", "block_size", "sub_block_size", "temperature",

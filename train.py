@@ -45,13 +45,9 @@ def main(argv=None) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
   except ImportError:
     pass
-  try:
-    return _run(args)
-  except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-    if args.traceback:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  from fdllm_jax import cli
+
+  return cli.run_reporting_errors(_run, args)
 
 
 def _run(args) -> int:
@@ -65,13 +61,9 @@ def _run(args) -> int:
 
   from fdllm_jax.training import trainer as trainer_lib
 
-  for path in args.gin_file:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"gin file {path!r} does not exist")
-  try:
-    gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
-  except Exception as e:  # gin raises many types; all are configuration mistakes
-    raise ValueError(f"bad gin configuration: {type(e).__name__}: {e}") from None
+  from fdllm_jax import cli
+
+  cli.parse_gin(args.gin_file, args.gin_param)
   config = trainer_lib.TrainConfig()
   if jax.process_index() == 0:
     print(f"devices: {jax.device_count()} ({jax.devices()[0].platform}) over "
