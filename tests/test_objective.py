@@ -124,6 +124,117 @@ def test_sample_view_masks_complementary_and_independent():
   assert a.sum() < 0.3 * supervised.sum() and b.sum() < 0.3 * supervised.sum()
 
 
+def test_sub_block_regions_match_explicit_reference():
+  rng = jax.random.key(12)
+  active, after = (np.asarray(x) for x in objective.sample_sub_block_regions(rng, 3, 64, 16, 4))
+  s = np.asarray(jax.random.randint(rng, (3, 4), 0, 5))
+  for n in range(3):
+    for j in range(64):
+      sub_block = (j % 16) // 4
+      assert active[n, j] == (sub_block == s[n, j // 16])
+      assert after[n, j] == (sub_block > s[n, j // 16])
+
+
+def _blocks_are_decoder_states(view, supervised, block_size, sub_block_size):
+  """Every block reads clean sub-blocks, one partly masked sub-block, then MASK on labels."""
+  for row, sup_row in zip(view, supervised):
+    for block, sup in zip(row.reshape(-1, block_size), sup_row.reshape(-1, block_size)):
+      sub = block.reshape(-1, sub_block_size)
+      sup_sub = sup.reshape(-1, sub_block_size)
+      touched = [k for k in range(len(sub)) if sub[k].any()]
+      if not touched:
+        continue
+      first = touched[0]
+      assert not sub[:first].any()
+      for k in range(first + 1, len(sub)):
+        np.testing.assert_array_equal(sub[k], sup_sub[k])  # all labelled tokens masked
+
+
+def test_sub_block_pattern_complementary_views():
+  _, labels = _batch(7, rows=16, seq_len=64)
+  labels = jnp.asarray(labels)
+  supervised = np.asarray(labels != IGNORE)
+  rng = jax.random.key(5)
+  a, b = (np.asarray(x) for x in objective.sample_view_masks(
+      rng, labels, 32, mask_pattern="sub_block", sub_block_size=8))
+  region_rng, bernoulli_rng = jax.random.split(rng)
+  active, after = (np.asarray(x) for x in objective.sample_sub_block_regions(
+      region_rng, 16, 64, 32, 8))
+  bernoulli = np.asarray(objective.sample_block_masks(bernoulli_rng, labels, 32))
+  np.testing.assert_array_equal(a, (after | (active & bernoulli)) & supervised)
+  # The views agree outside the active sub-block and split it.
+  np.testing.assert_array_equal((a & ~active), (b & ~active))
+  np.testing.assert_array_equal((a ^ b) & active, active & supervised)
+  assert not (a | b)[~supervised].any()
+  for view in (a, b):
+    _blocks_are_decoder_states(view, supervised, 32, 8)
+  assert (a != np.asarray(objective.sample_block_masks(rng, labels, 32))).any()
+
+
+def test_sub_block_pattern_statistics_and_independent_views():
+  labels = jnp.zeros((512, 32), jnp.int32)
+  a, b = (np.asarray(x) for x in objective.sample_view_masks(
+      jax.random.key(1), labels, 32, mask_pattern="sub_block", sub_block_size=8,
+      complementary=False))
+  for view in (a, b):
+    _blocks_are_decoder_states(view, np.ones_like(view), 32, 8)
+    clean_blocks = ~view.any(axis=1)
+    assert abs(clean_blocks.mean() - 0.2) < 0.05  # s = B/S: the commit forward's state
+    first_masked = np.where(clean_blocks, 32, view.argmax(axis=1)) // 8
+    assert set(np.unique(first_masked)) == {0, 1, 2, 3, 4}
+  assert (a != b).any()
+
+
+def test_sub_block_views_name_their_active_sub_blocks():
+  _, labels = _batch(8, rows=8, seq_len=64)
+  labels = jnp.asarray(labels)
+  rng = jax.random.key(9)
+  for complementary in (True, False):
+    a, b, active_a, active_b = (np.asarray(x) for x in objective.sample_sub_block_views(
+        rng, labels, 32, 8, complementary=complementary))
+    want_a, want_b = (np.asarray(x) for x in objective.sample_view_masks(
+        rng, labels, 32, mask_pattern="sub_block", complementary=complementary))
+    np.testing.assert_array_equal(a, want_a)
+    np.testing.assert_array_equal(b, want_b)
+    for view, active in ((a, active_a), (b, active_b)):
+      # Active sub-blocks are whole sub-blocks, at most one per block, before every masked
+      # token that lies outside them.
+      per_sub_block = active.reshape(8, -1, 8)
+      assert (per_sub_block.all(-1) | ~per_sub_block.any(-1)).all()
+      assert (active.reshape(8, 2, 32).sum(-1) <= 8).all()
+      outside = view & ~active
+      for n, k in zip(*np.nonzero(active.reshape(8, 2, 32).any(-1))):
+        block_active = active[n, 32 * k:32 * (k + 1)]
+        block_outside = outside[n, 32 * k:32 * (k + 1)]
+        assert not block_outside[:np.argmax(block_active) + 8].any()
+    assert (active_a == active_b).all() == complementary
+
+
+def test_loss_masks_keep_the_input_and_drop_the_labels():
+  ids, labels = _batch(2, rows=4, seq_len=32)
+  ids, labels = jnp.asarray(ids), jnp.asarray(labels)
+  view_a = objective.sample_block_masks(jax.random.key(3), labels, 8)
+  loss_a = jnp.asarray(np.random.default_rng(0).random((4, 32)) < 0.5)
+  loss_b = ~loss_a
+  noisy, view_labels = objective.complementary_views(ids, labels, view_a, MASK_ID)
+  noisy_l, view_labels_l = objective.complementary_views(ids, labels, view_a, MASK_ID,
+                                                         loss_masks=(loss_a, loss_b))
+  np.testing.assert_array_equal(np.asarray(noisy_l), np.asarray(noisy))
+  keep = np.concatenate([np.asarray(loss_a), np.asarray(loss_b)])
+  np.testing.assert_array_equal(np.asarray(view_labels_l),
+                                np.where(keep, np.asarray(view_labels), IGNORE))
+  assert (np.asarray(view_labels_l) != IGNORE).sum() < (np.asarray(view_labels) != IGNORE).sum()
+
+
+@pytest.mark.parametrize("pattern,sub_block_size,match", [
+    ("sub_blocks", 8, "mask_pattern"), ("sub_block", 6, "sub_block_size"),
+    ("sub_block", 0, "sub_block_size")])
+def test_mask_pattern_errors(pattern, sub_block_size, match):
+  with pytest.raises(ValueError, match=match):
+    objective.sample_view_masks(jax.random.key(0), jnp.zeros((1, 32), jnp.int32), 32,
+                                mask_pattern=pattern, sub_block_size=sub_block_size)
+
+
 def test_complementary_views_partition_the_labels():
   ids, labels = _batch(1, rows=4, seq_len=32)
   view_a = objective.sample_block_masks(jax.random.key(3), jnp.asarray(labels), 8)

@@ -139,6 +139,21 @@ def test_big_configs_parse():
     assert int(np.prod([s for s in config.mesh_shape])) == 64
 
 
+def test_demo_sub_block_overlay_parses():
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings(
+        [os.path.join(REPO, "configs", name) for name in ("demo_adapt.gin",
+                                                          "demo_sub_block_noise.gin")], [])
+    config = trainer_lib.TrainConfig()
+  finally:
+    gin.clear_config()
+  config.validate()
+  assert (config.mask_pattern, config.mask_sub_block_size, config.mask_loss) == (
+      "sub_block", 8, "active_sub_block")
+  assert config.objective == "block_diffusion" and config.num_steps == 500
+
+
 # ----------------------------------------------------------------------------- multi-process
 
 def _free_port():

@@ -161,6 +161,25 @@ def test_independent_clipped_views_train_and_accumulate(tmp_path):
   accumulated = _run_losses(_tiny_config(grad_accum_steps=2, **options), tmp_path / "accum")
   assert np.isfinite(clipped).all() and not np.allclose(clipped, reference)
   np.testing.assert_allclose(accumulated, clipped, rtol=1e-5)
+  sub_block = _run_losses(_tiny_config(num_steps=2, mask_pattern="sub_block",
+                                       mask_sub_block_size=4), tmp_path / "sub_block")
+  assert np.isfinite(sub_block).all() and not np.allclose(sub_block, reference)
+  active_only = dict(num_steps=2, mask_pattern="sub_block", mask_sub_block_size=4,
+                     mask_loss="active_sub_block")
+  active = _run_losses(_tiny_config(**active_only), tmp_path / "active")
+  accumulated = _run_losses(_tiny_config(grad_accum_steps=2, **active_only), tmp_path / "acc2")
+  assert np.isfinite(active).all() and (active != sub_block).all()
+  np.testing.assert_allclose(accumulated, active, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(mask_pattern="prefix"), "mask_pattern='prefix' is unknown"),
+    (dict(mask_pattern="sub_block", mask_sub_block_size=3), "sub_block_size=3 must be"),
+    (dict(mask_loss="active"), "mask_loss='active' is unknown"),
+    (dict(mask_loss="active_sub_block"), "needs mask_pattern='sub_block'")])
+def test_mask_pattern_config_errors(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    _tiny_config(**overrides).validate()
 
 
 def test_shared_clean_stream_trains_like_two_rows(tmp_path):

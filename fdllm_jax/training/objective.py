@@ -9,12 +9,15 @@ Block diffusion (spec section 3), for ``input_ids`` / ``labels`` [N, L] with ``L
    token is masked in exactly one view. The randomness lives here, outside the loss, so the
    loss is a deterministic function that tests can check exactly.
 
-   Two options leave the reference recipe (both off by default; ``sample_view_masks``):
+   Three options leave the reference recipe (all off by default; ``sample_view_masks``):
    ``mask_ratio_range=(lo, hi)`` draws ``t ~ U(lo, hi)`` (a clipped schedule, as in BD3-LM),
    and ``complementary=False`` draws view B independently instead of as the complement. With
    complementary views view B's rate is 1 - t: a clipped range gives view A rates in [lo, hi]
    and view B rates in [1 - hi, 1 - lo]. The demo measured both (README, "What the demo
-   shows").
+   shows"). ``mask_pattern="sub_block"`` draws the states the sub-block decoder visits
+   instead of masks spread over the whole block: clean sub-blocks, one partly masked
+   sub-block, MASK after it (``sample_sub_block_regions``); the loss may then be kept to the
+   active sub-block (``sample_sub_block_views`` names it, ``loss_masks`` of the loss).
 2. ``block_diffusion_loss`` builds, per view, ``x_t`` (labelled tokens of the view replaced by
    MASK) and the input ``x_t ++ x_0`` [2N, 2L] with RoPE positions ``0..L-1`` twice, runs the
    model under ``masks.Training(B, L)``, keeps the hidden states of the ``x_t`` half, and takes
@@ -50,6 +53,7 @@ from fdllm_jax import masks as masks_lib
 IGNORE = -100  # label of tokens without loss (prompt, padding)
 MASK_EPS = 1e-3  # lower bound of the per-block masking probability
 OBJECTIVES = ("block_diffusion", "autoregressive")
+MASK_PATTERNS = ("bernoulli", "sub_block")
 
 
 def check_block_shape(seq_len: int, block_size: int) -> None:
@@ -89,13 +93,80 @@ def sample_block_masks(rng, labels_NxL, block_size: int, *, mask_ratio_range=(0.
   return (draws_NxL < p_NxL) & (labels_NxL != IGNORE)
 
 
+def check_mask_pattern(mask_pattern: str, block_size: int, sub_block_size: int) -> None:
+  """ValueError unless ``mask_pattern`` is known and ``sub_block_size`` divides the block."""
+  if mask_pattern not in MASK_PATTERNS:
+    raise ValueError(f"mask_pattern={mask_pattern!r} is unknown; use one of {MASK_PATTERNS}")
+  if mask_pattern == "sub_block" and (not isinstance(sub_block_size, int) or sub_block_size < 1
+                                      or block_size % sub_block_size):
+    raise ValueError(f"sub_block_size={sub_block_size!r} must be a positive divisor of the "
+                     f"block size {block_size} (the decoder's sub-block, 8 in the reference)")
+
+
+def sample_sub_block_regions(rng, num_rows: int, seq_len: int, block_size: int,
+                             sub_block_size: int):
+  """(active, after), bool [N, L]: per block one active sub-block ``s ~ U{0, ..., B/S}``.
+
+  ``active`` marks the tokens of sub-block ``s``, ``after`` those of the later sub-blocks.
+  ``s = B/S`` (no active sub-block) leaves the whole block clean: the state of the decoder's
+  block-commit forward, whose last logit predicts the next block's first token.
+  """
+  check_block_shape(seq_len, block_size)
+  sub_blocks_per_block = block_size // sub_block_size
+  s_NxK = jax.random.randint(rng, (num_rows, seq_len // block_size), 0, sub_blocks_per_block + 1)
+  s_NxL = jnp.repeat(s_NxK, block_size, axis=1)
+  sub_block_of_L = (jnp.arange(seq_len) % block_size) // sub_block_size
+  return sub_block_of_L[None, :] == s_NxL, sub_block_of_L[None, :] > s_NxL
+
+
+def _sub_block_view(rng, labels_NxL, block_size, sub_block_size, mask_ratio_range):
+  """One view of the ``sub_block`` pattern, its complement inside the active sub-block, and
+  the active sub-blocks."""
+  region_rng, bernoulli_rng = jax.random.split(rng)
+  active, after = sample_sub_block_regions(region_rng, *labels_NxL.shape, block_size,
+                                           sub_block_size)
+  bernoulli = sample_block_masks(bernoulli_rng, labels_NxL, block_size,
+                                 mask_ratio_range=mask_ratio_range)
+  supervised = labels_NxL != IGNORE
+  return ((after | (active & bernoulli)) & supervised,
+          (after | (active & ~bernoulli)) & supervised, active)
+
+
+def sample_sub_block_views(rng, labels_NxL, block_size: int, sub_block_size: int, *,
+                           mask_ratio_range=(0.0, 1.0), complementary: bool = True):
+  """``sample_view_masks``'s ``sub_block`` views and each view's active sub-blocks:
+  (view A, view B, active A, active B), bool [N, L] each."""
+  check_mask_pattern("sub_block", block_size, sub_block_size)
+  if complementary:
+    view_a, view_b, active = _sub_block_view(rng, labels_NxL, block_size, sub_block_size,
+                                             mask_ratio_range)
+    return view_a, view_b, active, active
+  (view_a, _, active_a), (view_b, _, active_b) = (
+      _sub_block_view(r, labels_NxL, block_size, sub_block_size, mask_ratio_range)
+      for r in jax.random.split(rng))
+  return view_a, view_b, active_a, active_b
+
+
 def sample_view_masks(rng, labels_NxL, block_size: int, *, mask_ratio_range=(0.0, 1.0),
-                      complementary: bool = True):
+                      complementary: bool = True, mask_pattern: str = "bernoulli",
+                      sub_block_size: int = 8):
   """(view-A mask, view-B mask), bool [N, L] each, restricted to the labelled tokens.
 
-  ``complementary`` (the reference): view B masks exactly the labelled tokens view A keeps, and
-  view A is ``sample_block_masks(rng, ...)``. Otherwise both views are drawn independently.
+  ``mask_pattern="bernoulli"`` (the reference) masks every token of a block with the same
+  probability. ``complementary`` (the reference): view B masks exactly the labelled tokens view
+  A keeps, and view A is ``sample_block_masks(rng, ...)``. Otherwise both views are drawn
+  independently.
+
+  ``mask_pattern="sub_block"`` (not in the reference) draws the states the decoder visits with
+  sub-blocks of ``sub_block_size``: per block an active sub-block (``sample_sub_block_regions``),
+  the sub-blocks before it clean, those after it all MASK, and the active one Bernoulli-masked
+  as above. ``complementary`` views share the regions and split the active sub-block.
   """
+  check_mask_pattern(mask_pattern, block_size, sub_block_size)
+  if mask_pattern == "sub_block":
+    return sample_sub_block_views(rng, labels_NxL, block_size, sub_block_size,
+                                  mask_ratio_range=mask_ratio_range,
+                                  complementary=complementary)[:2]
   if complementary:
     view_a = sample_block_masks(rng, labels_NxL, block_size, mask_ratio_range=mask_ratio_range)
     return view_a, ~view_a & (labels_NxL != IGNORE)
@@ -105,12 +176,13 @@ def sample_view_masks(rng, labels_NxL, block_size: int, *, mask_ratio_range=(0.0
 
 
 def complementary_views(input_ids_NxL, labels_NxL, view_a_mask_NxL, mask_id: int,
-                        view_b_mask_NxL=None):
+                        view_b_mask_NxL=None, loss_masks=None):
   """Noisy inputs and labels of both views, stacked on the batch axis: ([2N, L], [2N, L]).
 
   View A masks the labelled tokens selected by ``view_a_mask``, view B those selected by
   ``view_b_mask`` (default: the other labelled tokens, the reference's complement); labels
-  survive only where the token was replaced by MASK.
+  survive only where the token was replaced by MASK (and, given ``loss_masks`` = (view A's,
+  view B's) bool [N, L], only where that view's loss mask is set).
   """
   supervised = labels_NxL != IGNORE
   if view_b_mask_NxL is None:
@@ -121,6 +193,8 @@ def complementary_views(input_ids_NxL, labels_NxL, view_a_mask_NxL, mask_id: int
   ids_2NxL = jnp.concatenate([input_ids_NxL, input_ids_NxL], axis=0)
   labels_2NxL = jnp.concatenate([labels_NxL, labels_NxL], axis=0)
   noisy_2NxL = jnp.where(masked_2NxL, jnp.asarray(mask_id, ids_2NxL.dtype), ids_2NxL)
+  if loss_masks is not None:
+    masked_2NxL = masked_2NxL & jnp.concatenate(loss_masks, axis=0)
   view_labels_2NxL = jnp.where(masked_2NxL, labels_2NxL, IGNORE)
   return noisy_2NxL, view_labels_2NxL
 
@@ -212,15 +286,17 @@ def block_diffusion_loss_sums(model, input_ids_NxL, labels_NxL, view_a_mask_NxL,
                               view_b_mask_NxL=None, *, block_size: int, mask_id: int,
                               attention_impl: str | None = None,
                               loss_chunk_size: int | None = None,
-                              share_clean_stream: bool = False):
+                              share_clean_stream: bool = False, loss_masks=None):
   """(CE summed over both views, number of label tokens of the original batch).
 
-  ``view_b_mask`` None: view B is view A's complement (the reference).
+  ``view_b_mask`` None: view B is view A's complement (the reference). ``loss_masks`` (not in
+  the reference): per view, the masked tokens that carry loss; None: all of them.
   """
   num_rows, seq_len = input_ids_NxL.shape
   check_block_shape(seq_len, block_size)
   noisy_2NxL, view_labels_2NxL = complementary_views(input_ids_NxL, labels_NxL,
-                                                     view_a_mask_NxL, mask_id, view_b_mask_NxL)
+                                                     view_a_mask_NxL, mask_id, view_b_mask_NxL,
+                                                     loss_masks)
   noisy_hidden = _noisy_hidden_shared_clean if share_clean_stream else _noisy_hidden_two_rows
   hidden_2NxLxD = noisy_hidden(model, noisy_2NxL, input_ids_NxL, block_size=block_size,
                                attention_impl=attention_impl)

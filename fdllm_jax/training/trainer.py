@@ -87,6 +87,13 @@ class TrainConfig:
   # view B the complement of view A. Other values leave the paper's recipe.
   mask_ratio_range: tuple[float, float] = (0.0, 1.0)
   complementary_masks: bool = True
+  # "sub_block" (not in the reference) trains the decoder's states: clean sub-blocks, one
+  # partly masked sub-block of mask_sub_block_size tokens, MASK after it.
+  mask_pattern: str = "bernoulli"
+  mask_sub_block_size: int = 8
+  # "active_sub_block" (sub_block pattern only): loss on the active sub-block's MASKs, the
+  # MASKs after it are context only. "masked" (the reference): loss on every MASK.
+  mask_loss: str = "masked"
   shuffle: bool = True
   # model
   init: str = "checkpoint"  # "checkpoint" (HF dir / hub id) or "scratch" (model_config)
@@ -161,6 +168,13 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.{name} must be a positive integer; got {value!r}")
     objective_lib.check_loss_chunk_size(self.loss_chunk_size)
     objective_lib.check_mask_ratio_range(self.mask_ratio_range)
+    objective_lib.check_mask_pattern(self.mask_pattern, self.block_size, self.mask_sub_block_size)
+    if self.mask_loss not in ("masked", "active_sub_block"):
+      raise ValueError(f"mask_loss={self.mask_loss!r} is unknown; use 'masked' or "
+                       f"'active_sub_block'")
+    if self.mask_loss == "active_sub_block" and self.mask_pattern != "sub_block":
+      raise ValueError(f"mask_loss='active_sub_block' needs mask_pattern='sub_block'; got "
+                       f"mask_pattern={self.mask_pattern!r}")
     if not isinstance(self.share_clean_stream, bool):
       raise ValueError(f"share_clean_stream must be True or False; got "
                        f"{self.share_clean_stream!r}")
@@ -376,7 +390,7 @@ class TrainProgram:
     opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
     return {"params": params, "opt_state": opt_state}
 
-  def _loss_sums(self, params, input_ids, labels, view_a, view_b):
+  def _loss_sums(self, params, input_ids, labels, view_a, view_b, loss_a, loss_b):
     model = build_model(self.model_config, params, dtype=self.compute_dtype,
                         remat=self.config.remat)
     if self.config.objective == "block_diffusion":
@@ -384,7 +398,8 @@ class TrainProgram:
           model, input_ids, labels, view_a, view_b, block_size=self.config.block_size,
           mask_id=self.mask_id, attention_impl=self.config.attention_impl,
           loss_chunk_size=self.config.loss_chunk_size,
-          share_clean_stream=self.config.share_clean_stream)
+          share_clean_stream=self.config.share_clean_stream,
+          loss_masks=None if self.config.mask_loss == "masked" else (loss_a, loss_b))
     return objective_lib.autoregressive_loss_sums(model, input_ids, labels,
                                                   attention_impl=self.config.attention_impl,
                                                   loss_chunk_size=self.config.loss_chunk_size)
@@ -396,14 +411,20 @@ class TrainProgram:
 
     def step_fn(params, opt_state, input_ids, labels, step):
       rng = jax.random.fold_in(jax.random.key(config.seed), step)
-      if config.objective == "block_diffusion":
+      view_a = view_b = loss_a = loss_b = jnp.zeros(labels.shape, bool)
+      if config.objective == "block_diffusion" and config.mask_loss == "active_sub_block":
+        view_a, view_b, loss_a, loss_b = objective_lib.sample_sub_block_views(
+            rng, labels, config.block_size, config.mask_sub_block_size,
+            mask_ratio_range=tuple(config.mask_ratio_range),
+            complementary=config.complementary_masks)
+      elif config.objective == "block_diffusion":
         view_a, view_b = objective_lib.sample_view_masks(
             rng, labels, config.block_size, mask_ratio_range=tuple(config.mask_ratio_range),
-            complementary=config.complementary_masks)
-      else:
-        view_a = view_b = jnp.zeros(labels.shape, bool)
+            complementary=config.complementary_masks, mask_pattern=config.mask_pattern,
+            sub_block_size=config.mask_sub_block_size)
       if accum == 1:
-        (ce_sum, count), grad_sum = grad_fn(params, input_ids, labels, view_a, view_b)
+        (ce_sum, count), grad_sum = grad_fn(params, input_ids, labels, view_a, view_b, loss_a,
+                                            loss_b)
       else:
         def split(x):  # micro-batch m = rows m, m + accum, ...: every device keeps its share
           x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
@@ -419,7 +440,7 @@ class TrainProgram:
         zeros = jax.tree.map(jnp.zeros_like, params)
         (grad_sum, ce_sum, count), _ = jax.lax.scan(
             body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-            (split(input_ids), split(labels), split(view_a), split(view_b)))
+            tuple(split(x) for x in (input_ids, labels, view_a, view_b, loss_a, loss_b)))
       denom = jnp.maximum(count, 1.0)
       grads = jax.tree.map(lambda g: g / denom, grad_sum)
       grad_norm = _global_norm(grads)
@@ -540,7 +561,8 @@ class Trainer:
         "num_steps", "learning_rate", "warmup_steps", "warmup_ratio", "schedule", "min_lr_ratio",
         "weight_decay", "adam_b1", "adam_b2", "adam_eps", "max_grad_norm", "grad_accum_steps",
         "mesh_shape", "compute_dtype", "remat", "attention_impl", "loss_chunk_size",
-        "mask_ratio_range", "complementary_masks", "share_clean_stream")})
+        "mask_ratio_range", "complementary_masks", "mask_pattern", "mask_sub_block_size", "mask_loss",
+        "share_clean_stream")})
 
   def _check_fingerprint(self, step: int, saved: dict) -> None:
     saved = dict(saved)
