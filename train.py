@@ -56,12 +56,10 @@ def _run(args) -> int:
   # Before any other JAX call: multi-host start-up.
   sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                   auto=args.distributed_auto)
-  import gin
   import jax
 
-  from fdllm_jax.training import trainer as trainer_lib
-
   from fdllm_jax import cli
+  from fdllm_jax.training import trainer as trainer_lib
 
   cli.parse_gin(args.gin_file, args.gin_param)
   config = trainer_lib.TrainConfig()
