@@ -16,11 +16,28 @@
 #
 # Work files go to workdirs/demo/. Interrupted? Run the same command again: each stage resumes
 # from its newest checkpoint. Rebuild from scratch: rm -rf workdirs/demo first.
-# Environment: PYTHON (default: python), SKIP_CHECK=1 to skip step 6.
+#
+# Environment (defaults rebuild the bundle):
+#   PYTHON       interpreter (python)
+#   WORK         work directory (workdirs/demo)
+#   MODELS_OUT   where the two checkpoints are exported (models/demo, the bundle)
+#   NUM_TRAIN    generated training problems (60000)
+#   STAGE1_ARGS, STAGE2_ARGS
+#                extra train.py arguments of each stage, e.g. another model size or noise:
+#                STAGE2_ARGS="--gin_file configs/demo_sub_block_noise.gin"
+#   CHECK_ARGS   extra benchmarks/demo_speed_accuracy.py arguments of step 6
+#   SKIP_CHECK=1 skips step 6
+# scripts/demo_scale_gpu.sh uses these to rebuild the demo at other model sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-WORK=workdirs/demo
+WORK=${WORK:-workdirs/demo}
+MODELS_OUT=${MODELS_OUT:-models/demo}
+NUM_TRAIN=${NUM_TRAIN:-60000}
+read -r -a STAGE1_EXTRA <<< "${STAGE1_ARGS:-}"
+read -r -a STAGE2_EXTRA <<< "${STAGE2_ARGS:-}"
+read -r -a CHECK_EXTRA <<< "${CHECK_ARGS:-}"
+DATA_PARAM="TrainConfig.data_files = '$WORK/data/train.jsonl'"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 stamp() { date +%s; }
@@ -29,7 +46,7 @@ t_all=$(stamp)
 
 t=$(stamp)
 if [ ! -f "$WORK/data/train.jsonl" ]; then
-  $PYTHON -m fdllm_jax.demo.task --out_dir "$WORK/data" --num_train 60000 --num_test 1000 --seed 0
+  $PYTHON -m fdllm_jax.demo.task --out_dir "$WORK/data" --num_train "$NUM_TRAIN" --num_test 1000 --seed 0
 fi
 if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
   $PYTHON -m fdllm_jax.demo.tokenizer_train --data "$WORK/data/train.jsonl" \
@@ -38,22 +55,25 @@ fi
 report "data + tokenizer" "$t"
 
 t=$(stamp)
-$PYTHON train.py --gin_file configs/demo_ar.gin --workdir "$WORK/ar"
+$PYTHON train.py --gin_file configs/demo_ar.gin --workdir "$WORK/ar" --gin_param "$DATA_PARAM" \
+    --gin_param "TrainConfig.tokenizer = '$WORK/tokenizer'" ${STAGE1_EXTRA[@]+"${STAGE1_EXTRA[@]}"}
 report "stage 1 (autoregressive)" "$t"
 
 t=$(stamp)
-$PYTHON train.py --gin_file configs/demo_adapt.gin --workdir "$WORK/adapt"
+$PYTHON train.py --gin_file configs/demo_adapt.gin --workdir "$WORK/adapt" --gin_param "$DATA_PARAM" \
+    --gin_param "TrainConfig.checkpoint = '$WORK/ar/export'" ${STAGE2_EXTRA[@]+"${STAGE2_EXTRA[@]}"}
 report "stage 2 (block diffusion)" "$t"
 
 t=$(stamp)
 $PYTHON -m fdllm_jax.demo.export --ar "$WORK/ar/export" --adapted "$WORK/adapt/export" \
-    --out models/demo
+    --out "$MODELS_OUT"
 report "export" "$t"
 
 if [ "${SKIP_CHECK:-0}" != "1" ]; then
   t=$(stamp)
-  $PYTHON benchmarks/demo_speed_accuracy.py --num_problems 200 --batch_sizes 1 \
-      --thresholds 1.0,0.9 --out "$WORK/check.json" --plot "$WORK/check.png"
+  $PYTHON benchmarks/demo_speed_accuracy.py --ar "$MODELS_OUT/ar_base" \
+      --adapted "$MODELS_OUT/fast_dllm" --num_problems 200 --batch_sizes 1 --thresholds 1.0,0.9 \
+      --out "$WORK/check.json" --plot "$WORK/check.png" ${CHECK_EXTRA[@]+"${CHECK_EXTRA[@]}"}
   report "check" "$t"
 fi
 report "total" "$t_all"
