@@ -17,7 +17,7 @@
 # Work files go to workdirs/demo/. Interrupted? Run the same command again: each stage resumes
 # from its newest checkpoint. Rebuild from scratch: rm -rf workdirs/demo first.
 #
-# Environment (defaults rebuild the bundle):
+# Environment (defaults rebuild the bundle; paths relative to the repository root):
 #   PYTHON       interpreter (python)
 #   WORK         work directory (workdirs/demo)
 #   MODELS_OUT   where the two checkpoints are exported (models/demo, the bundle)

@@ -16,14 +16,14 @@
 #
 # Writes OUT_DIR/scale_<size>.json (benchmarks/demo_speed_accuracy.py's report) and
 # OUT_DIR/scale_summary.jsonl (one line per size). Work files: $SCALE_WORK/<size>/ (default
-# workdirs/scale); a size whose work directory exists resumes (delete it to start over).
+# workdirs/scale, relative to the repository root); a size whose work directory exists resumes (delete it to start over).
 # Environment: PYTHON, NUM_TRAIN (see build_demo.sh),
 # STAGE2_ARGS (e.g. "--gin_file configs/demo_sub_block_noise.gin"), STAGE1_STEPS / STAGE2_STEPS
 # to change the step counts and CHECK_ARGS to add benchmark arguments (e.g. a smoke test:
 # STAGE1_STEPS=3 STAGE2_STEPS=2 CHECK_ARGS="--num_problems 8").
 set -euo pipefail
+OUT=$(realpath -m "${1:?usage: bash scripts/demo_scale_gpu.sh OUT_DIR}")  # before the cd
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: bash scripts/demo_scale_gpu.sh OUT_DIR}
 PYTHON=${PYTHON:-python}
 SIZES=${SIZES:-s192 m384 l768}
 SCALE_WORK=${SCALE_WORK:-workdirs/scale}
