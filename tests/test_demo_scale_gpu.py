@@ -45,7 +45,8 @@ def test_smoke_run_trains_exports_and_summarises(tmp_path):
   stage1 = _operative_gin(size_dir / "ar" / "config.gin")
   stage2 = _operative_gin(size_dir / "adapt" / "config.gin")
   assert f"TrainConfig.data_files = '{size_dir}/data/train.jsonl'" in stage1
-  assert "model_config.hidden_size = 192" in stage1 and "TrainConfig.learning_rate = 0.003" in stage1
+  assert "model_config.hidden_size = 192" in stage1
+  assert "TrainConfig.learning_rate = 0.003" in stage1
   assert f"TrainConfig.checkpoint = '{size_dir}/ar/export'" in stage2
   assert "TrainConfig.mask_pattern = 'sub_block'" in stage2
   for stage in ("ar", "adapt"):

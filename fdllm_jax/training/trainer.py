@@ -411,8 +411,9 @@ class TrainProgram:
 
     def step_fn(params, opt_state, input_ids, labels, step):
       rng = jax.random.fold_in(jax.random.key(config.seed), step)
+      # the pattern picks the sampler; _loss_sums applies the loss masks if mask_loss asks
       view_a = view_b = loss_a = loss_b = jnp.zeros(labels.shape, bool)
-      if config.objective == "block_diffusion" and config.mask_loss == "active_sub_block":
+      if config.objective == "block_diffusion" and config.mask_pattern == "sub_block":
         view_a, view_b, loss_a, loss_b = objective_lib.sample_sub_block_views(
             rng, labels, config.block_size, config.mask_sub_block_size,
             mask_ratio_range=tuple(config.mask_ratio_range),
@@ -420,8 +421,7 @@ class TrainProgram:
       elif config.objective == "block_diffusion":
         view_a, view_b = objective_lib.sample_view_masks(
             rng, labels, config.block_size, mask_ratio_range=tuple(config.mask_ratio_range),
-            complementary=config.complementary_masks, mask_pattern=config.mask_pattern,
-            sub_block_size=config.mask_sub_block_size)
+            complementary=config.complementary_masks)
       if accum == 1:
         (ce_sum, count), grad_sum = grad_fn(params, input_ids, labels, view_a, view_b, loss_a,
                                             loss_b)
@@ -561,8 +561,8 @@ class Trainer:
         "num_steps", "learning_rate", "warmup_steps", "warmup_ratio", "schedule", "min_lr_ratio",
         "weight_decay", "adam_b1", "adam_b2", "adam_eps", "max_grad_norm", "grad_accum_steps",
         "mesh_shape", "compute_dtype", "remat", "attention_impl", "loss_chunk_size",
-        "mask_ratio_range", "complementary_masks", "mask_pattern", "mask_sub_block_size", "mask_loss",
-        "share_clean_stream")})
+        "mask_ratio_range", "complementary_masks", "mask_pattern", "mask_sub_block_size",
+        "mask_loss", "share_clean_stream")})
 
   def _check_fingerprint(self, step: int, saved: dict) -> None:
     saved = dict(saved)
