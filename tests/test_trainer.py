@@ -20,6 +20,7 @@ from fdllm_jax import sharding
 from fdllm_jax.checkpoints import load_model
 from fdllm_jax.tokenizer import load_tokenizer
 from fdllm_jax.training import make_sample_data
+from fdllm_jax.training import objective as objective_lib
 from fdllm_jax.training import trainer as trainer_lib
 from tests import hf_models
 
@@ -172,6 +173,50 @@ def test_independent_clipped_views_train_and_accumulate(tmp_path):
   np.testing.assert_allclose(accumulated, active, rtol=1e-5)
 
 
+def test_ar_replay_adds_the_weighted_causal_loss(tmp_path):
+  """ar_loss_weight adds w x the causal next-token CE of the clean batch to the objective."""
+  config = _tiny_config(ar_loss_weight=0.5)
+  program = trainer_lib.TrainProgram(config, trainer_lib.ModelConfig(
+      vocab_size=64, **config.model), _one_device(), mask_id=63)
+  params = trainer_lib.init_params(program.model_config, dtype=jnp.float32, seed=3)
+  keys = jax.random.split(jax.random.key(7), 3)
+  input_ids = jax.random.randint(keys[0], (4, 32), 0, 63)
+  labels = jnp.where(jax.random.bernoulli(keys[1], 0.7, (4, 32)), input_ids, -100)
+  view_a = jax.random.bernoulli(keys[2], 0.5, (4, 32))
+  unused = jnp.zeros((4, 32), bool)
+  total, (count, ar_ce) = program._loss_sums(params, input_ids, labels, view_a, ~view_a,
+                                             unused, unused)
+  model = trainer_lib.build_model(program.model_config, params, dtype=jnp.float32)
+  diffusion, expected_count = objective_lib.block_diffusion_loss_sums(
+      model, input_ids, labels, view_a, ~view_a, block_size=8, mask_id=63)
+  expected_ar, _ = objective_lib.autoregressive_loss_sums(model, input_ids, labels)
+  # token shift: a row's first label has no position before it
+  assert float(count) == float(expected_count) == float((labels[:, 1:] != -100).sum())
+  np.testing.assert_allclose(ar_ce, expected_ar, rtol=1e-5)
+  np.testing.assert_allclose(total, diffusion + 0.5 * expected_ar, rtol=1e-5)
+
+  # in training: step 0's diffusion part is the run without replay, later steps differ, and
+  # gradient accumulation gives the same steps
+  def history(workdir, **overrides):
+    trainer = trainer_lib.Trainer(_tiny_config(num_steps=2, **overrides), str(tmp_path / workdir),
+                                  mesh=_one_device())
+    try:
+      return trainer.run()
+    finally:
+      trainer.close()
+  plain = history("plain")
+  replay = history("replay", ar_loss_weight=0.5)
+  accumulated = history("accum", ar_loss_weight=0.5, grad_accum_steps=2)
+  assert "ar_loss" not in plain[0]
+  assert replay[0]["diffusion_loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+  assert replay[0]["loss"] == pytest.approx(replay[0]["diffusion_loss"]
+                                            + 0.5 * replay[0]["ar_loss"], rel=1e-5)
+  assert replay[1]["diffusion_loss"] != pytest.approx(plain[1]["loss"], rel=1e-5)
+  for name in ("loss", "ar_loss", "diffusion_loss"):
+    np.testing.assert_allclose([h[name] for h in accumulated], [h[name] for h in replay],
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("overrides,match", [
     (dict(mask_pattern="prefix"), "mask_pattern='prefix' is unknown"),
     (dict(mask_pattern="sub_block", mask_sub_block_size=3), "sub_block_size=3 must be"),
@@ -299,10 +344,18 @@ def test_learning_rate_schedule():
     ("mask_ratio_range", 0.3, "mask_ratio_range must be two numbers"),
     ("complementary_masks", "no", "complementary_masks must be True or False"),
     ("share_clean_stream", 1, "share_clean_stream must be True or False"),
+    ("ar_loss_weight", -0.5, "ar_loss_weight must be a finite number >= 0; got -0.5"),
+    ("ar_loss_weight", float("nan"), "ar_loss_weight must be a finite number >= 0; got nan"),
+    ("ar_loss_weight", "1", "ar_loss_weight must be a finite number >= 0; got '1'"),
 ])
 def test_config_errors(field, value, message):
   with pytest.raises(ValueError, match=message):
     _tiny_config(**{field: value}).validate()
+
+
+def test_ar_replay_needs_the_block_diffusion_objective():
+  with pytest.raises(ValueError, match="ar_loss_weight=1.0 needs objective='block_diffusion'"):
+    _tiny_config(objective="autoregressive", ar_loss_weight=1.0).validate()
 
 
 def test_batch_must_divide_over_batch_devices():

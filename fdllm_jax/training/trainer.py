@@ -94,6 +94,10 @@ class TrainConfig:
   # "active_sub_block" (sub_block pattern only): loss on the active sub-block's MASKs, the
   # MASKs after it are context only. "masked" (the reference): loss on every MASK.
   mask_loss: str = "masked"
+  # block_diffusion only, not in the reference: adds ar_loss_weight x the plain next-token CE
+  # under the causal mask on the same clean batch (a replay of stage 1), so a small model
+  # keeps what its AR base knew. 0: the reference's objective alone.
+  ar_loss_weight: float = 0.0
   shuffle: bool = True
   # model
   init: str = "checkpoint"  # "checkpoint" (HF dir / hub id) or "scratch" (model_config)
@@ -175,6 +179,13 @@ class TrainConfig:
     if self.mask_loss == "active_sub_block" and self.mask_pattern != "sub_block":
       raise ValueError(f"mask_loss='active_sub_block' needs mask_pattern='sub_block'; got "
                        f"mask_pattern={self.mask_pattern!r}")
+    if (not isinstance(self.ar_loss_weight, (int, float)) or isinstance(self.ar_loss_weight, bool)
+        or not math.isfinite(self.ar_loss_weight) or self.ar_loss_weight < 0):
+      raise ValueError(f"ar_loss_weight must be a finite number >= 0; got "
+                       f"{self.ar_loss_weight!r}")
+    if self.ar_loss_weight and self.objective != "block_diffusion":
+      raise ValueError(f"ar_loss_weight={self.ar_loss_weight} needs "
+                       f"objective='block_diffusion'; got objective={self.objective!r}")
     if not isinstance(self.share_clean_stream, bool):
       raise ValueError(f"share_clean_stream must be True or False; got "
                        f"{self.share_clean_stream!r}")
@@ -391,18 +402,25 @@ class TrainProgram:
     return {"params": params, "opt_state": opt_state}
 
   def _loss_sums(self, params, input_ids, labels, view_a, view_b, loss_a, loss_b):
-    model = build_model(self.model_config, params, dtype=self.compute_dtype,
-                        remat=self.config.remat)
-    if self.config.objective == "block_diffusion":
-      return objective_lib.block_diffusion_loss_sums(
-          model, input_ids, labels, view_a, view_b, block_size=self.config.block_size,
-          mask_id=self.mask_id, attention_impl=self.config.attention_impl,
-          loss_chunk_size=self.config.loss_chunk_size,
-          share_clean_stream=self.config.share_clean_stream,
-          loss_masks=None if self.config.mask_loss == "masked" else (loss_a, loss_b))
-    return objective_lib.autoregressive_loss_sums(model, input_ids, labels,
-                                                  attention_impl=self.config.attention_impl,
-                                                  loss_chunk_size=self.config.loss_chunk_size)
+    """(objective summed over label tokens, (label-token count, AR replay CE sum))."""
+    config = self.config
+    model = build_model(self.model_config, params, dtype=self.compute_dtype, remat=config.remat)
+    ar_ce = jnp.zeros((), jnp.float32)
+    if config.objective == "autoregressive":
+      ce, count = objective_lib.autoregressive_loss_sums(
+          model, input_ids, labels, attention_impl=config.attention_impl,
+          loss_chunk_size=config.loss_chunk_size)
+      return ce, (count, ar_ce)
+    ce, count = objective_lib.block_diffusion_loss_sums(
+        model, input_ids, labels, view_a, view_b, block_size=config.block_size,
+        mask_id=self.mask_id, attention_impl=config.attention_impl,
+        loss_chunk_size=config.loss_chunk_size, share_clean_stream=config.share_clean_stream,
+        loss_masks=None if config.mask_loss == "masked" else (loss_a, loss_b))
+    if config.ar_loss_weight:
+      ar_ce, _ = objective_lib.autoregressive_loss_sums(
+          model, input_ids, labels, attention_impl=config.attention_impl,
+          loss_chunk_size=config.loss_chunk_size)
+    return ce + config.ar_loss_weight * ar_ce, (count, ar_ce)
 
   def _make_train_step(self):
     config, accum = self.config, self.config.grad_accum_steps
@@ -423,8 +441,8 @@ class TrainProgram:
             rng, labels, config.block_size, mask_ratio_range=tuple(config.mask_ratio_range),
             complementary=config.complementary_masks)
       if accum == 1:
-        (ce_sum, count), grad_sum = grad_fn(params, input_ids, labels, view_a, view_b, loss_a,
-                                            loss_b)
+        (objective_sum, (count, ar_ce_sum)), grad_sum = grad_fn(
+            params, input_ids, labels, view_a, view_b, loss_a, loss_b)
       else:
         def split(x):  # micro-batch m = rows m, m + accum, ...: every device keeps its share
           x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
@@ -433,21 +451,25 @@ class TrainProgram:
                   None, *micro_sharding.spec)))
 
         def body(carry, micro):
-          (ce, n), g = grad_fn(params, *micro)
-          acc_g, acc_ce, acc_n = carry
-          return (jax.tree.map(jnp.add, acc_g, g), acc_ce + ce, acc_n + n), None
+          (objective, (n, ar_ce)), g = grad_fn(params, *micro)
+          return jax.tree.map(jnp.add, carry, (g, objective, n, ar_ce)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grad_sum, ce_sum, count), _ = jax.lax.scan(
-            body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+        zero = jnp.zeros((), jnp.float32)
+        (grad_sum, objective_sum, count, ar_ce_sum), _ = jax.lax.scan(
+            body, (jax.tree.map(jnp.zeros_like, params), zero, zero, zero),
             tuple(split(x) for x in (input_ids, labels, view_a, view_b, loss_a, loss_b)))
       denom = jnp.maximum(count, 1.0)
       grads = jax.tree.map(lambda g: g / denom, grad_sum)
       grad_norm = _global_norm(grads)
       updates, opt_state = self.optimizer.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
-      metrics = {"loss": ce_sum / denom, "grad_norm": grad_norm, "num_label_tokens": count,
-                 "lr": learning_rate_schedule(config)(step)}
+      # "loss" is the objective the optimizer sees; with AR replay, "ar_loss" is its AR part
+      # (unweighted) and "diffusion_loss" the rest, comparable with runs without replay
+      metrics = {"loss": objective_sum / denom, "grad_norm": grad_norm,
+                 "num_label_tokens": count, "lr": learning_rate_schedule(config)(step)}
+      if config.ar_loss_weight:
+        metrics["ar_loss"] = ar_ce_sum / denom
+        metrics["diffusion_loss"] = (objective_sum - config.ar_loss_weight * ar_ce_sum) / denom
       return params, opt_state, metrics
 
     return jax.jit(
@@ -562,7 +584,7 @@ class Trainer:
         "weight_decay", "adam_b1", "adam_b2", "adam_eps", "max_grad_norm", "grad_accum_steps",
         "mesh_shape", "compute_dtype", "remat", "attention_impl", "loss_chunk_size",
         "mask_ratio_range", "complementary_masks", "mask_pattern", "mask_sub_block_size",
-        "mask_loss", "share_clean_stream")})
+        "mask_loss", "ar_loss_weight", "share_clean_stream")})
 
   def _check_fingerprint(self, step: int, saved: dict) -> None:
     saved = dict(saved)
