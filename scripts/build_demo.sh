@@ -8,11 +8,13 @@
 #                 (fdllm_jax/demo/tokenizer_train.py --numbers whole)
 #   3. stage 1:   autoregressive training from scratch          (configs/demo_ar.gin)
 #   4. stage 2:   Fast-dLLM v2 block-diffusion fine-tuning        (configs/demo_adapt.gin)
+#                 with an AR replay term and the decoder's states as noise (ours)
 #   5. export:    models/demo/ar_base and models/demo/fast_dllm (HF layout + tokenizer)
 #   6. check:     accuracy of both on 200 held-out problems, speed of both decoders
 #
-# On 2 CPU cores (session 5): data + tokenizer 7 s, stage 1 979 s (0.65 s a step), stage 2
-# 633 s (1.26 s a step), export 3 s: about 27 minutes with SKIP_CHECK=1.
+# On 2 CPU cores: data + tokenizer 7 s, stage 1 979 s (0.65 s a step; session 5), stage 2
+# 733 s (1.78 s a step with the AR replay; session 8), export 3 s: about 29 minutes with
+# SKIP_CHECK=1.
 #
 # Work files go to workdirs/demo/. Interrupted? Run the same command again: each stage resumes
 # from its newest checkpoint. Rebuild from scratch: rm -rf workdirs/demo first.
@@ -24,7 +26,7 @@
 #   NUM_TRAIN    generated training problems (60000)
 #   STAGE1_ARGS, STAGE2_ARGS
 #                extra train.py arguments of each stage, e.g. another model size or noise:
-#                STAGE2_ARGS="--gin_file configs/demo_sub_block_noise.gin"
+#                STAGE2_ARGS="--gin_file configs/demo_paper_recipe.gin"
 #   CHECK_ARGS   extra benchmarks/demo_speed_accuracy.py arguments of step 6
 #   SKIP_CHECK=1 skips step 6
 # scripts/demo_scale_gpu.sh uses these to rebuild the demo at other model sizes.

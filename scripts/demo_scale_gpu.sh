@@ -18,7 +18,7 @@
 # OUT_DIR/scale_summary.jsonl (one line per size). Work files: $SCALE_WORK/<size>/ (default
 # workdirs/scale, relative to the repository root); a size whose work directory exists resumes (delete it to start over).
 # Environment: PYTHON, NUM_TRAIN (see build_demo.sh),
-# STAGE2_ARGS (e.g. "--gin_file configs/demo_sub_block_noise.gin"), STAGE1_STEPS / STAGE2_STEPS
+# STAGE2_ARGS (e.g. "--gin_file configs/demo_paper_recipe.gin"), STAGE1_STEPS / STAGE2_STEPS
 # to change the step counts and CHECK_ARGS to add benchmark arguments (e.g. a smoke test:
 # STAGE1_STEPS=3 STAGE2_STEPS=2 CHECK_ARGS="--num_problems 8").
 set -euo pipefail

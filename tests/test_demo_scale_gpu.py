@@ -37,7 +37,7 @@ def test_smoke_run_trains_exports_and_summarises(tmp_path):
   bundled_mtime = os.stat(_BUNDLED).st_mtime_ns if os.path.isfile(_BUNDLED) else None
   result = _run({"SIZES": "s192", "SCALE_WORK": str(work), "NUM_TRAIN": "2000",
                  "STAGE1_STEPS": "2", "STAGE2_STEPS": "2", "CHECK_ARGS": "--num_problems 4",
-                 "STAGE2_ARGS": "--gin_file configs/demo_sub_block_noise.gin"}, out)
+                 "STAGE2_ARGS": "--gin_file configs/demo_paper_recipe.gin"}, out)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
   size_dir = work / "s192"
@@ -48,7 +48,7 @@ def test_smoke_run_trains_exports_and_summarises(tmp_path):
   assert "model_config.hidden_size = 192" in stage1
   assert "TrainConfig.learning_rate = 0.003" in stage1
   assert f"TrainConfig.checkpoint = '{size_dir}/ar/export'" in stage2
-  assert "TrainConfig.mask_pattern = 'sub_block'" in stage2
+  assert "TrainConfig.mask_pattern = 'bernoulli'" in stage2  # the caller's overlay
   for stage in ("ar", "adapt"):
     steps = [json.loads(line)["step"] for line in (size_dir / stage / "metrics.jsonl").open()]
     assert steps == [1, 2]

@@ -139,19 +139,27 @@ def test_big_configs_parse():
     assert int(np.prod([s for s in config.mesh_shape])) == 64
 
 
-def test_demo_sub_block_overlay_parses():
+def _demo_stage2_config(*overlays):
   gin.clear_config()
   try:
     gin.parse_config_files_and_bindings(
-        [os.path.join(REPO, "configs", name) for name in ("demo_adapt.gin",
-                                                          "demo_sub_block_noise.gin")], [])
+        [os.path.join(REPO, "configs", name) for name in ("demo_adapt.gin",) + overlays], [])
     config = trainer_lib.TrainConfig()
   finally:
     gin.clear_config()
   config.validate()
-  assert (config.mask_pattern, config.mask_sub_block_size, config.mask_loss) == (
-      "sub_block", 8, "active_sub_block")
-  assert config.objective == "block_diffusion" and config.num_steps == 500
+  return config
+
+
+def test_demo_stage2_and_the_paper_recipe_overlay_parse():
+  bundle = _demo_stage2_config()
+  assert bundle.objective == "block_diffusion" and bundle.num_steps == 400
+  assert (bundle.mask_pattern, bundle.mask_sub_block_size, bundle.mask_loss,
+          bundle.ar_loss_weight) == ("sub_block", 8, "active_sub_block", 1.0)
+  paper = _demo_stage2_config("demo_paper_recipe.gin")
+  assert (paper.mask_pattern, paper.mask_loss, paper.ar_loss_weight, paper.num_steps) == (
+      "bernoulli", "masked", 0.0, 500)
+  assert paper.mask_ratio_range == (0.0, 1.0) and paper.complementary_masks
 
 
 # ----------------------------------------------------------------------------- multi-process
