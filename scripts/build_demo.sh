@@ -13,7 +13,7 @@
 #   6. check:     accuracy of both on 200 held-out problems, speed of both decoders
 #
 # On 2 CPU cores: data + tokenizer 7 s, stage 1 979 s (0.65 s a step; session 5), stage 2
-# 733 s (1.78 s a step with the AR replay; session 8), export 3 s: about 29 minutes with
+# 689 s (1.6 s a step with the AR replay; session 9), export 3 s: about 28 minutes with
 # SKIP_CHECK=1.
 #
 # Work files go to workdirs/demo/. Interrupted? Run the same command again: each stage resumes
