@@ -13,6 +13,9 @@
 #   s192: 192,  512, 4,  4 x 48, 3e-3
 #   m384: 384, 1024, 6,  6 x 64, 1e-3
 #   l768: 768, 2048, 8, 12 x 64, 5e-4
+# Stage 2 runs at configs/demo_adapt.gin's peak rate (6e-4 since session 9) for s192 and at 3e-4
+# (the rate of every size before session 9) for the larger two: a binding, so it wins over a
+# --gin_file overlay in STAGE2_ARGS; a --gin_param there wins over it.
 #
 # Writes OUT_DIR/scale_<size>.json (benchmarks/demo_speed_accuracy.py's report) and
 # OUT_DIR/scale_summary.jsonl (one line per size). Work files: $SCALE_WORK/<size>/ (default
@@ -45,9 +48,16 @@ size_args() {  # train.py arguments of one size (no spaces inside an argument)
        "--gin_param TrainConfig.learning_rate=$lr"
 }
 
+stage2_size_args() {  # the size's stage-2 rate, before the caller's STAGE2_ARGS
+  case "$1" in
+    s192) echo "" ;;
+    *) echo "--gin_param TrainConfig.learning_rate=3e-4" ;;
+  esac
+}
+
 for size in $SIZES; do
   stage1="$(size_args "$size")"  # fails (set -e) on an unknown size before any work
-  stage2="${STAGE2_ARGS:-}"
+  stage2="$(stage2_size_args "$size") ${STAGE2_ARGS:-}"
   if [ -n "${STAGE1_STEPS:-}" ]; then stage1="$stage1 --gin_param TrainConfig.num_steps=$STAGE1_STEPS"; fi
   if [ -n "${STAGE2_STEPS:-}" ]; then stage2="$stage2 --gin_param TrainConfig.num_steps=$STAGE2_STEPS"; fi
   work="$SCALE_WORK/$size"

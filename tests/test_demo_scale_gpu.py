@@ -49,6 +49,7 @@ def test_smoke_run_trains_exports_and_summarises(tmp_path):
   assert "TrainConfig.learning_rate = 0.003" in stage1
   assert f"TrainConfig.checkpoint = '{size_dir}/ar/export'" in stage2
   assert "TrainConfig.mask_pattern = 'bernoulli'" in stage2  # the caller's overlay
+  assert "TrainConfig.learning_rate = 0.0003" in stage2  # s192 binds no rate: the overlay's
   for stage in ("ar", "adapt"):
     steps = [json.loads(line)["step"] for line in (size_dir / stage / "metrics.jsonl").open()]
     assert steps == [1, 2]
