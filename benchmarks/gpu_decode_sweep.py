@@ -38,6 +38,13 @@ Counting (as ``gpu_attention.py``): bytes = the K and V cache read once,
 ceiling (which counts read + write, so 100% reads at the card's copy rate); ``pct_roofline``
 = max(bytes / copy GB/s, FLOPs / matmul TFLOP/s) / time; ``bound`` says which term is larger.
 
+Device time (``--device-time``): the same program run once more under ``jax.profiler``; the
+GPU stream events of the trace give ``kernel_us`` (sum of kernel durations per call: what
+the GPU spends, without the host's launch gaps), ``span_us`` (first kernel start to last
+kernel end, per call), ``kernels_per_call`` and the largest kernels by name; ``pct_bw_kernel``
+is the bandwidth over ``kernel_us``. The host-timed ``us`` is what a caller waits for; at
+batch 1 it includes launch gaps that the kernels do not.
+
 Timing: one jitted program per configuration: a first call, then a ``fori_loop`` whose body
 calls the operation once per cache copy (chained: each call's output is the next call's
 query; the copies, rotated, exceed L2), so one dispatch and one sync are amortised over
@@ -83,6 +90,9 @@ def parse_args(argv=None):
   p.add_argument("--cpu-smoke", action="store_true",
                  help="tiny shapes on CPU with the Pallas interpreter (tests the script)")
   p.add_argument("--sections", default="baseline,ar_step,sweep")
+  p.add_argument("--device-time", action="store_true",
+                 help="also run each timed program once under the JAX profiler and report the "
+                 "GPU's own kernel time per call (needs CUPTI)")
   p.add_argument("--shapes", default=None,
                  help="'WxB,...' (default: 32x8,32x1,8x8,1x8,8x1,1x1)")
   p.add_argument("--cache", type=int, default=None, help="keys per row (default 16384)")
@@ -314,6 +324,8 @@ class Sweep:
         rec["ok"] = True
       sec, best = self.bench.time_program(prog, (shape.q, ks, vs, lengths), calls)
       rec.update(self.metrics(shape, sec, best), calls=calls, cache_sets=n_sets)
+      if self.args.device_time and not self.smoke:
+        rec.update(self.device_time(shape, prog, (shape.q, ks, vs, lengths), calls))
       if not rec["ok"]:
         self.failed_checks.append(f"{shape.name} {name}")
         print(f"CHECK FAILED: {shape.name} {name} rel_err={rec.get('rel_err')}", flush=True)
@@ -324,6 +336,28 @@ class Sweep:
     self.add_ratios(shape, rec)
     rec["elapsed_s"] = round(time.time() - self.start, 1)
     emit(rec)
+    return rec
+
+  def device_time(self, shape, prog, args, calls):
+    """GPU-side time per call of ``prog`` from one profiled run (see the module docstring)."""
+    try:
+      events = profile_gpu_events(self.jax, prog, args)
+    except Exception as e:  # noqa: BLE001  (no CUPTI, no trace: the host timing stands)
+      return {"device_time_error": f"{type(e).__name__}: {e}"[:500]}
+    kernels = [e for e in events if "memcpy" not in e[2].lower()
+               and "memset" not in e[2].lower()]
+    if not kernels:
+      return {"device_time_error": f"no GPU kernel events in the trace ({len(events)} events)"}
+    busy = sum(d for _, d, _ in kernels) / 1e3 / calls
+    span = (max(t + d for t, d, _ in kernels) - min(t for t, _, _ in kernels)) / 1e3 / calls
+    by_name = {}
+    for _, d, name in kernels:
+      by_name[name] = by_name.get(name, 0.0) + d / 1e3 / calls
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:4]
+    rec = {"kernel_us": busy, "span_us": span, "kernels_per_call": len(kernels) / calls,
+           "top_kernels_us": {n[:80]: round(us, 2) for n, us in top}}
+    if self.bench.peak_gbps:
+      rec["pct_bw_kernel"] = 100 * shape.kv_bytes / (busy * 1e-6) / 1e9 / self.bench.peak_gbps
     return rec
 
   def metrics(self, shape, sec, best):
@@ -697,7 +731,8 @@ class Sweep:
         print(ga.environment_line(rec))
     print(f"ceilings: {self.bench.peak_tflops or nan:.0f} TFLOP/s bf16 matmul, "
           f"{self.bench.peak_gbps or nan:.0f} GB/s copy (read+write)")
-    cols = ("config", "us", "GB/s", "%bw", "%roof", "x_xla", "x_cudnn", "x_default", "rel_err")
+    cols = ("config", "us", "GB/s", "%bw", "%roof", "x_xla", "x_cudnn", "x_default", "rel_err",
+            "dev_us", "%bw_dev")
     print(f"{'shape':18s} {cols[0]:36s} " + " ".join(f"{c:>8s}" for c in cols[1:]))
 
     def line(shape_name, rec):
@@ -705,7 +740,8 @@ class Sweep:
       print(f"{shape_name:18s} {label[:36]:36s} {rec['us']:8.1f} {rec['gbps']:8.0f} "
             f"{rec.get('pct_bw', nan):8.1f} {rec.get('pct_roofline', nan):8.1f} "
             f"{rec.get('speedup_vs_xla', nan):8.2f} {rec.get('speedup_vs_cudnn', nan):8.2f} "
-            f"{rec.get('speedup_vs_default', nan):8.2f} {rec.get('rel_err', nan):8.1e}")
+            f"{rec.get('speedup_vs_default', nan):8.2f} {rec.get('rel_err', nan):8.1e} "
+            f"{rec.get('kernel_us', nan):8.1f} {rec.get('pct_bw_kernel', nan):8.1f}")
 
     for shape in self.shapes:
       recs = [r for r in RECORDS if r.get("shape") == shape.name and "us" in r]
@@ -768,6 +804,31 @@ class Sweep:
           parts.append(f"{name} {(a - b) * mult:+.3f}")
       print(f"  {impl}: forward T=1 - T=32 = {f1 - f32:+.3f} ms; parts (T=1 - T=32): "
             + (", ".join(parts) or "n/a"))
+
+
+def profile_gpu_events(jax, prog, args):
+  """(start_ns, duration_ns, name) of every GPU stream event of one run of ``prog(*args)``,
+  read back from the JAX profiler's trace (XSpace) of that run."""
+  import glob
+  import tempfile
+  from jax.profiler import ProfileData
+  log_dir = tempfile.mkdtemp(prefix="decode_sweep_profile_")
+  jax.profiler.start_trace(log_dir)
+  try:
+    jax.block_until_ready(prog(*args))
+  finally:
+    jax.profiler.stop_trace()
+  files = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))
+  if not files:
+    raise RuntimeError(f"the profiler wrote no trace under {log_dir}")
+  events = []
+  for plane in ProfileData.from_file(files[-1]).planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if line.name.startswith("Stream"):   # CUPTI activity per stream; not "XLA Ops" etc.
+        events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+  return events
 
 
 def valid_tile_r(rows, candidates):

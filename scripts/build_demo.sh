@@ -28,6 +28,8 @@
 #                extra train.py arguments of each stage, e.g. another model size or noise:
 #                STAGE2_ARGS="--gin_file configs/demo_paper_recipe.gin"
 #   CHECK_ARGS   extra benchmarks/demo_speed_accuracy.py arguments of step 6
+#   EXPORT_MAX_MIB
+#                size limit of the two exported checkpoints (20, the bundle's)
 #   SKIP_CHECK=1 skips step 6
 # scripts/demo_scale_gpu.sh uses these to rebuild the demo at other model sizes.
 set -euo pipefail
@@ -68,7 +70,7 @@ report "stage 2 (block diffusion)" "$t"
 
 t=$(stamp)
 $PYTHON -m fdllm_jax.demo.export --ar "$WORK/ar/export" --adapted "$WORK/adapt/export" \
-    --out "$MODELS_OUT"
+    --out "$MODELS_OUT" ${EXPORT_MAX_MIB:+--max_mib "$EXPORT_MAX_MIB"}
 report "export" "$t"
 
 if [ "${SKIP_CHECK:-0}" != "1" ]; then

@@ -79,3 +79,28 @@ def test_gpu_grid_tiles_lower_to_triton(window, batch):
                                                          num_warps=16, num_stages=4), q, k, k)
       assert text.count("xla.gpu.triton") == 1, (tile_r, tile_k)
   jax.clear_caches()
+
+
+def test_device_time_sums_kernels_and_skips_copies(monkeypatch):
+  """kernel_us / span_us per call from the trace's GPU events (synthetic events here)."""
+  events = [(1000, 4000, "window_attention"), (6000, 2000, "loop_fusion"),
+            (9000, 500, "MemcpyD2H"), (10000, 4000, "window_attention")]
+  monkeypatch.setattr(sweep, "profile_gpu_events", lambda jax, prog, args: events)
+  obj = sweep.Sweep.__new__(sweep.Sweep)
+  obj.jax = jax
+  obj.bench = type("B", (), {"peak_gbps": 1000.0})()
+  shape = sweep.Shape(8, 1, 1024, dict(hq=4, hkv=2, d=64))
+  rec = obj.device_time(shape, None, None, calls=2)
+  assert rec["kernel_us"] == pytest.approx(5.0)          # (4 + 2 + 4) us over 2 calls
+  assert rec["span_us"] == pytest.approx(6.5)            # 1 us to 14 us, over 2 calls
+  assert rec["kernels_per_call"] == 1.5
+  assert rec["top_kernels_us"] == {"window_attention": 4.0, "loop_fusion": 1.0}
+  assert rec["pct_bw_kernel"] == pytest.approx(100 * shape.kv_bytes / 5e-6 / 1e9 / 1000.0)
+  monkeypatch.setattr(sweep, "profile_gpu_events", lambda jax, prog, args: [])
+  assert "device_time_error" in obj.device_time(shape, None, None, calls=2)
+
+
+def test_profile_gpu_events_reads_a_trace():
+  """On this CPU the trace has no GPU plane: an empty list, not an error."""
+  prog = jax.jit(lambda x: x * 2)
+  assert sweep.profile_gpu_events(jax, prog, (jnp.ones(4),)) == []
