@@ -13,7 +13,7 @@ import json
 import mmap
 import os
 import struct
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -208,13 +208,38 @@ def abstract_model(config: ModelConfig, dtype) -> Transformer:
   return nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def load_model(name_or_path: str, *, dtype: str = "float32") -> Transformer:
+def parameter_name(path: Sequence) -> str:
+  """A parameter's NNX path as one string, e.g. "layers/0/mlp/up_proj/kernel": the names that
+  ``fdllm_jax.sharding``'s partition rules match."""
+  return "/".join(str(p) for p in path)
+
+
+def keep_on_host(name: str, host: np.ndarray) -> np.ndarray:
+  """A ``load_model`` placement that leaves every parameter a host numpy array."""
+  del name
+  return host
+
+
+def _on_default_device(name: str, host: np.ndarray) -> jax.Array:
+  del name
+  return jax.device_put(host)
+
+
+def load_model(name_or_path: str, *, dtype: str = "float32",
+               place: Callable[[str, np.ndarray], Any] | None = None) -> Transformer:
   """Loads an HF-layout Qwen2/Llama/Fast_dLLM_Qwen checkpoint into a ``Transformer``.
 
   Args:
     name_or_path: a local directory with config.json and safetensors, or a hub id.
     dtype: "float32" or "bfloat16": the parameter (and compute) dtype.
+    place: where each parameter goes, called as ``place(name, host)`` for each tensor as it is
+      read (``name`` from ``parameter_name``; ``host`` a numpy array in the model's layout and
+      dtype); its result becomes the parameter. Default: ``jax.device_put`` on the default
+      device, which then holds the whole model. ``fdllm_jax.sharding.place_on_mesh(mesh)``
+      puts each tensor straight into its sharding, so no device holds more than its shards;
+      ``keep_on_host`` keeps numpy arrays (no device memory at all).
   """
+  place = place or _on_default_device
   if dtype not in _ALLOWED_DTYPES:
     raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_ALLOWED_DTYPES)}")
   target_dtype = np.dtype(_ALLOWED_DTYPES[dtype])
@@ -245,7 +270,7 @@ def load_model(name_or_path: str, *, dtype: str = "float32") -> Transformer:
                          f"{tuple(reversed(want.shape)) if transpose else tuple(want.shape)}")
       # An owned copy: the memory-mapped view is released once the next tensor is read.
       host = np.array(array.T if transpose else array, dtype=target_dtype, order="C")
-      loaded[path] = jax.device_put(host)
+      loaded[path] = place(parameter_name(path), host)
       del host, array
   missing = [path_to_hf(p)[0] for p in expected if p not in loaded]
   if missing:

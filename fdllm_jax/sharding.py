@@ -133,6 +133,17 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh | None = None,
   return P(*fitted)
 
 
+def place_on_mesh(mesh: Mesh, rules=PARTITION_RULES):
+  """A ``load_model(place=...)`` that puts each parameter straight into its sharding on
+  ``mesh`` (the partition rules' ``spec_for``): each device receives only its shards, on every
+  process of a multi-host run (each reads the whole tensor from the checkpoint and keeps the
+  slices its devices own)."""
+  def place(name: str, host: np.ndarray) -> jax.Array:
+    sharding = NamedSharding(mesh, spec_for(name, host.shape, mesh, rules))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return place
+
+
 def _as_tuple(axis) -> tuple:
   return axis if isinstance(axis, tuple) else (axis,)
 

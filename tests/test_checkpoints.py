@@ -172,3 +172,57 @@ def test_hf_names_round_trip():
   for path, _ in nnx.to_flat_state(nnx.split(model)[1]):
     name, transpose = checkpoints.path_to_hf(tuple(path))
     assert checkpoints.hf_to_path(name) == (tuple(path), transpose)
+
+
+def test_parameters_can_stay_on_the_host(tiny_qwen_dir):
+  """keep_on_host: numpy parameters, equal to a default load (which is on a device)."""
+  on_device = checkpoints.load_model(tiny_qwen_dir)
+  on_host = checkpoints.load_model(tiny_qwen_dir, place=checkpoints.keep_on_host)
+  host_leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.split(on_host)[1])]
+  assert host_leaves and all(type(x) is np.ndarray for x in host_leaves)
+  assert all(isinstance(v.get_value(), jax.Array)
+             for _, v in nnx.to_flat_state(nnx.split(on_device)[1]))
+  want, got = _flat(on_device), _flat(on_host)
+  assert want.keys() == got.keys()
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path])
+
+
+def test_place_receives_each_parameter_by_its_sharding_name(tiny_qwen_dir):
+  seen = {}
+
+  def record(name, host):
+    seen[name] = host.shape
+    return host
+
+  model = checkpoints.load_model(tiny_qwen_dir, place=record)
+  flat = _flat(model)
+  assert set(seen) == {checkpoints.parameter_name(p) for p in flat}
+  assert "layers/0/mlp/up_proj/kernel" in seen
+  assert all(seen[checkpoints.parameter_name(p)] == v.shape for p, v in flat.items())
+
+
+def test_place_on_mesh_loads_each_tensor_into_its_sharding(tiny_qwen_dir):
+  """8 devices as (data 2, fsdp 2, tensor 2): every parameter arrives with the sharding the
+  partition rules give it, holds the checkpoint's values, and the model computes as before."""
+  from fdllm_jax import sharding
+  import jax.numpy as jnp
+  assert jax.device_count() == 8, "the test suite runs with 8 simulated CPU devices"
+  mesh = sharding.make_mesh((2, 2, 2))
+  model = checkpoints.load_model(tiny_qwen_dir, place=sharding.place_on_mesh(mesh))
+  reference = checkpoints.load_model(tiny_qwen_dir)
+  want = _flat(reference)
+  split_somewhere = False
+  for path, var in nnx.to_flat_state(nnx.split(model)[1]):
+    value = var.get_value()
+    name = checkpoints.parameter_name(path)
+    assert value.sharding == jax.sharding.NamedSharding(
+        mesh, sharding.spec_for(name, value.shape, mesh)), name
+    np.testing.assert_array_equal(np.asarray(value), want[tuple(path)])
+    shard_shape = value.addressable_shards[0].data.shape
+    split_somewhere |= shard_shape != value.shape
+  assert split_somewhere   # the rules do shard this model on this mesh
+  tokens = jnp.arange(12, dtype=jnp.int32)[None] % 50
+  np.testing.assert_allclose(np.asarray(fdllm_jax.compute_logits(model, tokens)),
+                             np.asarray(fdllm_jax.compute_logits(reference, tokens)),
+                             rtol=1e-5, atol=1e-5)

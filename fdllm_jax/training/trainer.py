@@ -48,7 +48,7 @@ from etils import epath
 from flax import nnx
 
 from fdllm_jax import sharding as sharding_lib
-from fdllm_jax.checkpoints import load_model, save_hf
+from fdllm_jax.checkpoints import keep_on_host, load_model, save_hf
 from fdllm_jax.config import ModelConfig
 from fdllm_jax.model import Transformer
 from fdllm_jax.tokenizer import load_tokenizer
@@ -518,7 +518,8 @@ class Trainer:
       model_config = ModelConfig(**fields)
       host_params = None
     else:
-      model = load_model(config.checkpoint, dtype=config.param_dtype)
+      # Host arrays only: init_state shards them, so no device ever holds the whole model.
+      model = load_model(config.checkpoint, dtype=config.param_dtype, place=keep_on_host)
       model_config = model.config
       host_params = jax.tree.map(np.asarray, params_of(model))
       del model
