@@ -270,7 +270,11 @@ def load_model(name_or_path: str, *, dtype: str = "float32",
                          f"{tuple(reversed(want.shape)) if transpose else tuple(want.shape)}")
       # An owned copy: the memory-mapped view is released once the next tensor is read.
       host = np.array(array.T if transpose else array, dtype=target_dtype, order="C")
-      loaded[path] = place(parameter_name(path), host)
+      placed = place(parameter_name(path), host)
+      if tuple(np.shape(placed)) != tuple(want.shape):
+        raise ValueError(f"place({parameter_name(path)!r}, ...) returned shape "
+                         f"{tuple(np.shape(placed))}; the parameter's shape is {tuple(want.shape)}")
+      loaded[path] = placed
       del host, array
   missing = [path_to_hf(p)[0] for p in expected if p not in loaded]
   if missing:

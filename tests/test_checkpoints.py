@@ -226,3 +226,8 @@ def test_place_on_mesh_loads_each_tensor_into_its_sharding(tiny_qwen_dir):
   np.testing.assert_allclose(np.asarray(fdllm_jax.compute_logits(model, tokens)),
                              np.asarray(fdllm_jax.compute_logits(reference, tokens)),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_place_returning_another_shape_is_named(tiny_qwen_dir):
+  with pytest.raises(ValueError, match=r"place\('[a-z_/0-9]+', \.\.\.\) returned shape \(1, "):
+    checkpoints.load_model(tiny_qwen_dir, place=lambda name, host: host[:1])
