@@ -43,7 +43,8 @@ GPU stream events of the trace give ``kernel_us`` (sum of kernel durations per c
 the GPU spends, without the host's launch gaps), ``span_us`` (first kernel start to last
 kernel end, per call), ``kernels_per_call`` and the largest kernels by name; ``pct_bw_kernel``
 is the bandwidth over ``kernel_us``. The host-timed ``us`` is what a caller waits for; at
-batch 1 it includes launch gaps that the kernels do not.
+batch 1 it includes launch gaps that the kernels do not. Not valid under XLA command buffers
+(CUDA graphs): the trace does not show the kernels inside a graph.
 
 Timing: one jitted program per configuration: a first call, then a ``fori_loop`` whose body
 calls the operation once per cache copy (chained: each call's output is the next call's
@@ -810,25 +811,29 @@ def profile_gpu_events(jax, prog, args):
   """(start_ns, duration_ns, name) of every GPU stream event of one run of ``prog(*args)``,
   read back from the JAX profiler's trace (XSpace) of that run."""
   import glob
+  import shutil
   import tempfile
   from jax.profiler import ProfileData
   log_dir = tempfile.mkdtemp(prefix="decode_sweep_profile_")
-  jax.profiler.start_trace(log_dir)
   try:
-    jax.block_until_ready(prog(*args))
+    jax.profiler.start_trace(log_dir)
+    try:
+      jax.block_until_ready(prog(*args))
+    finally:
+      jax.profiler.stop_trace()
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))
+    if not files:
+      raise RuntimeError(f"the profiler wrote no trace under {log_dir}")
+    events = []
+    for plane in ProfileData.from_file(files[-1]).planes:
+      if not plane.name.startswith("/device:GPU"):
+        continue
+      for line in plane.lines:
+        if line.name.startswith("Stream"):   # CUPTI activity per stream; not "XLA Ops" etc.
+          events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+    return events
   finally:
-    jax.profiler.stop_trace()
-  files = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))
-  if not files:
-    raise RuntimeError(f"the profiler wrote no trace under {log_dir}")
-  events = []
-  for plane in ProfileData.from_file(files[-1]).planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      if line.name.startswith("Stream"):   # CUPTI activity per stream; not "XLA Ops" etc.
-        events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
-  return events
+    shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def valid_tile_r(rows, candidates):

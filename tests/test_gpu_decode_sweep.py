@@ -100,7 +100,11 @@ def test_device_time_sums_kernels_and_skips_copies(monkeypatch):
   assert "device_time_error" in obj.device_time(shape, None, None, calls=2)
 
 
-def test_profile_gpu_events_reads_a_trace():
-  """On this CPU the trace has no GPU plane: an empty list, not an error."""
+def test_profile_gpu_events_reads_a_trace(tmp_path, monkeypatch):
+  """On this CPU the trace has no GPU plane: an empty list, not an error; the trace's
+  temporary directory is removed."""
+  import tempfile
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   prog = jax.jit(lambda x: x * 2)
   assert sweep.profile_gpu_events(jax, prog, (jnp.ones(4),)) == []
+  assert not list(tmp_path.iterdir())
