@@ -12,9 +12,10 @@
 #   5. export:    models/demo/ar_base and models/demo/fast_dllm (HF layout + tokenizer)
 #   6. check:     accuracy of both on 200 held-out problems, speed of both decoders
 #
-# On 2 CPU cores: data + tokenizer 7 s, stage 1 979 s (0.65 s a step; session 5), stage 2
-# 689 s (1.6 s a step with the AR replay; session 9), export 3 s: about 28 minutes with
-# SKIP_CHECK=1.
+# On 2 CPU cores (session 11): data + tokenizer 13 s, stage 1 852 s (1000 steps, 0.85 s a step),
+# stage 2 1162 s (600 steps, 1.9 s a step with the AR replay), export 7 s: 34 minutes with
+# SKIP_CHECK=1 on a machine 25-30% slower per step than sessions 5 and 9 measured (there about
+# 27 minutes). Sessions 10 and 11 built the same weights, bit for bit.
 #
 # Work files go to workdirs/demo/. Interrupted? Run the same command again: each stage resumes
 # from its newest checkpoint. Rebuild from scratch: rm -rf workdirs/demo first.

@@ -151,9 +151,22 @@ def _demo_stage2_config(*overlays):
   return config
 
 
+def test_demo_stage1_config_parses_with_the_bundles_steps():
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings([os.path.join(REPO, "configs", "demo_ar.gin")], [])
+    config = trainer_lib.TrainConfig()
+  finally:
+    gin.clear_config()
+  config.validate()
+  # The bundle's split of the 30 minutes: 1000 AR steps + 600 stage-2 steps (session 11).
+  assert config.objective == "autoregressive" and config.init == "scratch"
+  assert config.num_steps == 1000 and config.learning_rate == 3e-3
+
+
 def test_demo_stage2_and_the_paper_recipe_overlay_parse():
   bundle = _demo_stage2_config()
-  assert bundle.objective == "block_diffusion" and bundle.num_steps == 400
+  assert bundle.objective == "block_diffusion" and bundle.num_steps == 600
   assert bundle.learning_rate == 6e-4
   assert (bundle.mask_pattern, bundle.mask_sub_block_size, bundle.mask_loss,
           bundle.ar_loss_weight) == ("sub_block", 8, "active_sub_block", 1.0)
