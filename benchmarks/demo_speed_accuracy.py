@@ -261,7 +261,7 @@ def plot(report: dict, path: str) -> None:
     ax.set_title(f"batch size {bs}")
     ax.grid(alpha=0.3)
     ax.set_ylim(-4, 106)  # room for the labels below the lowest points
-    ax.legend(fontsize=8, loc="upper center")
+    ax.legend(fontsize=8, loc="best")  # the points move with the machine: let matplotlib choose
   fig.suptitle(f"Demo model ({report['params'] / 1e6:.1f}M params), {report['num_problems']} "
                f"problems, {report['device']}; labels: threshold, tokens per forward",
                fontsize=9)
