@@ -139,11 +139,11 @@ def test_big_configs_parse():
     assert int(np.prod([s for s in config.mesh_shape])) == 64
 
 
-def _demo_stage2_config(*overlays):
+def _demo_config(*names):
+  """The TrainConfig of configs/<names> parsed in order (a stage's file, then overlays)."""
   gin.clear_config()
   try:
-    gin.parse_config_files_and_bindings(
-        [os.path.join(REPO, "configs", name) for name in ("demo_adapt.gin",) + overlays], [])
+    gin.parse_config_files_and_bindings([os.path.join(REPO, "configs", n) for n in names], [])
     config = trainer_lib.TrainConfig()
   finally:
     gin.clear_config()
@@ -152,25 +152,19 @@ def _demo_stage2_config(*overlays):
 
 
 def test_demo_stage1_config_parses_with_the_bundles_steps():
-  gin.clear_config()
-  try:
-    gin.parse_config_files_and_bindings([os.path.join(REPO, "configs", "demo_ar.gin")], [])
-    config = trainer_lib.TrainConfig()
-  finally:
-    gin.clear_config()
-  config.validate()
+  config = _demo_config("demo_ar.gin")
   # The bundle's split of the 30 minutes: 1000 AR steps + 600 stage-2 steps (session 11).
   assert config.objective == "autoregressive" and config.init == "scratch"
   assert config.num_steps == 1000 and config.learning_rate == 3e-3
 
 
 def test_demo_stage2_and_the_paper_recipe_overlay_parse():
-  bundle = _demo_stage2_config()
+  bundle = _demo_config("demo_adapt.gin")
   assert bundle.objective == "block_diffusion" and bundle.num_steps == 600
   assert bundle.learning_rate == 6e-4
   assert (bundle.mask_pattern, bundle.mask_sub_block_size, bundle.mask_loss,
           bundle.ar_loss_weight) == ("sub_block", 8, "active_sub_block", 1.0)
-  paper = _demo_stage2_config("demo_paper_recipe.gin")
+  paper = _demo_config("demo_adapt.gin", "demo_paper_recipe.gin")
   assert (paper.mask_pattern, paper.mask_loss, paper.ar_loss_weight, paper.num_steps) == (
       "bernoulli", "masked", 0.0, 500)
   assert paper.learning_rate == 3e-4  # the session-7 bundle's rate
