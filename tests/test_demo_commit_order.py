@@ -1,16 +1,11 @@
 """benchmarks/demo_commit_order.py: ranks and counts on hand-made steps, and a run on the
 bundled model whose counts add up to the tokens it decoded."""
 
-import importlib.util
-import os
-
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                     "demo_commit_order.py")
-_spec = importlib.util.spec_from_file_location("demo_commit_order", _PATH)
-order = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(order)
+from tests import benchmark_modules
+
+order = benchmark_modules.load("demo_commit_order")
 
 
 def test_ranks_per_sub_block_leave_out_block_starts():

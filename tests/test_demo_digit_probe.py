@@ -1,8 +1,6 @@
 """benchmarks/demo_digit_probe.py: batched block-setting logits equal the literal one-at-a-time
 computation, and the report counts every answer token once per setting."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -10,12 +8,9 @@ import pytest
 from fdllm_jax import compute_logits, demo, load_model, load_tokenizer
 from fdllm_jax.demo import task
 from fdllm_jax.training.data import encode_chat, pad_to_block
+from tests import benchmark_modules
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                     "demo_digit_probe.py")
-_spec = importlib.util.spec_from_file_location("demo_digit_probe", _PATH)
-probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(probe)
+probe = benchmark_modules.load("demo_digit_probe")
 
 
 def test_batched_block_inputs_equal_one_truncated_forward_per_position():

@@ -1,19 +1,15 @@
 """benchmarks/demo_speed_accuracy.py: every method runs on the same problems, and the report's
 accuracies and counts agree with decoding the problems directly."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
 from fdllm_jax import demo
+from tests import benchmark_modules
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                     "demo_speed_accuracy.py")
-_spec = importlib.util.spec_from_file_location("demo_speed_accuracy", _PATH)
-demo_speed_accuracy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo_speed_accuracy)
+demo_speed_accuracy = benchmark_modules.load("demo_speed_accuracy")
 
 pytestmark = pytest.mark.skipif(
     not os.path.isfile(os.path.join(demo.FAST_DLLM_DIR, "model.safetensors")),

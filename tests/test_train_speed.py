@@ -1,16 +1,13 @@
 """benchmarks/train_speed.py: the objectives it times run the real train step, side by side."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                     "train_speed.py")
-_spec = importlib.util.spec_from_file_location("train_speed", _PATH)
-train_speed = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_speed)
+from tests import benchmark_modules
+
+train_speed = benchmark_modules.load("train_speed")
 
 _ARGS = ["--gin_file", "configs/tiny_cpu.gin", "--gin_param", "TrainConfig.seq_len = 64",
          "--gin_param", "TrainConfig.global_batch_size = 8", "--num_layers", "1",
@@ -20,7 +17,7 @@ _ARGS = ["--gin_file", "configs/tiny_cpu.gin", "--gin_param", "TrainConfig.seq_l
 @pytest.fixture(autouse=True)
 def _repo_root_and_clean_gin(monkeypatch):
   import gin
-  monkeypatch.chdir(os.path.dirname(_PATH) + "/..")
+  monkeypatch.chdir(os.path.dirname(benchmark_modules.BENCHMARKS_DIR))
   gin.clear_config()
   yield
   gin.clear_config()
