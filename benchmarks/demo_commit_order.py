@@ -77,7 +77,8 @@ def sub_block_ranks(steps, prompt_len: int, block_size: int, sub_block_size: int
 
 
 def summarize(ranked_sub_blocks, kinds) -> dict:
-  """``ranked_sub_blocks``: lists of (token id key, rank); ``kinds[key]``: the token's kind."""
+  """``ranked_sub_blocks``: one list of (token key, rank) pairs per sub-block; ``kinds[key]``:
+  that token's kind (``token_kind``)."""
   forwards = collections.Counter()
   first = []
   by_kind = collections.defaultdict(collections.Counter)
