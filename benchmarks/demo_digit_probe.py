@@ -20,7 +20,7 @@ digit, or a whole number with the bundled tokenizer), ``block_start`` (the first
 block, predicted from the previous block) and ``other``. Each wrong prediction records the
 probability the model gave the right token. Session 3 used this to show that the adapted model
 keeps about the in-block arithmetic its AR base already had under the block-causal mask
-(README, "What the demo shows").
+(docs/demo_history.md, "Sessions 2 to 4").
 
 Writes the report as JSON to stdout (and to ``--out`` when given).
 """

@@ -13,8 +13,8 @@ Block diffusion (spec section 3), for ``input_ids`` / ``labels`` [N, L] with ``L
    ``mask_ratio_range=(lo, hi)`` draws ``t ~ U(lo, hi)`` (a clipped schedule, as in BD3-LM),
    and ``complementary=False`` draws view B independently instead of as the complement. With
    complementary views view B's rate is 1 - t: a clipped range gives view A rates in [lo, hi]
-   and view B rates in [1 - hi, 1 - lo]. The demo measured both (README, "What the demo
-   shows"). ``mask_pattern="sub_block"`` draws the states the sub-block decoder visits
+   and view B rates in [1 - hi, 1 - lo]. The demo measured both (docs/demo_history.md).
+   ``mask_pattern="sub_block"`` draws the states the sub-block decoder visits
    instead of masks spread over the whole block: clean sub-blocks, one partly masked
    sub-block, MASK after it (``sample_sub_block_regions``); the loss may then be kept to the
    active sub-block (``sample_sub_block_views`` names it, ``loss_masks`` of the loss).
