@@ -5,12 +5,13 @@
 * Prefill: the blocks that every row's prompt fills (``c0 = min_b floor(P_b / B) * B`` tokens)
   run once with the block-causal mask and fill the KV cache; a row whose prompt ends exactly
   there takes its first new token from the last prefill logit.
-* A window of B positions, shared by all rows (spec 4.7), then moves block by block. Each row
-  holds its prompt tokens (or the carried first token) at their positions and MASK elsewhere.
-  Rows are independent state machines inside the window: each works on *its own* current
-  sub-block (the one holding its first MASK), and the window is committed (one forward with
-  cache update, whose last logit gives the next block's first token) once no active row has a
-  MASK left. A row whose prompt covers the whole window simply waits for the commit.
+* Each row then moves its own window of B positions block by block (the reference moves one
+  window shared by the batch, spec 4.7; per-row windows give every row the same tokens and
+  spend fewer forwards, since no row waits for the slowest to finish a block). A window holds
+  the row's prompt tokens (or the carried first token) at their positions and MASK elsewhere.
+  The row works on its current sub-block (the one holding its first MASK) and, once no MASK
+  is left, commits the window: one forward with cache update, whose last logit gives the next
+  block's first token. A row whose prompt covers its whole window just commits it.
 * Each denoising step forwards the window against the committed prefix (``masks.Full()`` with
   ``kv_lengths = start + B``, which is block-causal for the window), shifts the logits by one
   position, and fixes every MASK of the row's sub-block whose confidence exceeds the threshold,
@@ -19,8 +20,9 @@
   (and keeps the window's K/V as its block cache) while the first position of its sub-block is
   MASK or its block cache is not yet valid in this block; otherwise it forwards only its S
   sub-block tokens, which overwrite their own slots of its block cache. When rows need
-  different kinds, a row waits for the forward of its kind (its K/V go to scratch slots in
-  the meantime), so one row's schedule never changes another's tokens.
+  different kinds, each forward serves the larger group and a row waits for the forward of
+  its kind (its K/V go to scratch slots in the meantime), so one row's schedule never changes
+  another's tokens.
 * Stop rule (spec 4.4), checked before every step: a row whose generated part of the window
   holds a stop id with no MASK before it is finished. Finished rows never change again.
 * A row also ends when every position below ``P_b + max_new_tokens`` (capped by ``max_length``)
@@ -161,7 +163,8 @@ class GenerateOutput:
     tokens: per row, the generated ids up to (excluding) the first stop id.
     finished: per row, whether it stopped on a stop id (False: it hit the token limit).
     num_forwards: model forward passes spent on the batch, prefill included. In a batch a
-      forward serves every row that needs that kind of forward; the others wait.
+      forward serves every row that needs that kind of forward (with DualCache a row may need
+      the other kind and wait).
     step_of_token: per row, for each id of ``tokens``, the row's own forward count at which it
       was fixed (1-based: the prefill or the first step is 1). Rows do not share counters, so a
       row's trace is the same alone or in a batch.
@@ -336,7 +339,7 @@ class _DiffusionState:
   step_of: jax.Array  # int32[B, L]: row step that fixed each position (0: prompt / not yet)
   conf_of: jax.Array  # float32[B, L]: confidence of each position when it was fixed (0: not)
   cache: KVCache
-  start: jax.Array  # int32 scalar: first position of the shared window
+  start: jax.Array  # int32[B]: first position of each row's window
   active: jax.Array  # bool[B]
   finished: jax.Array  # bool[B]: stopped on a stop id
   block_valid: jax.Array  # bool[B]: DualCache block cache computed in the current window
@@ -418,18 +421,37 @@ def _prefill_fn(graphdef, statics: _Statics, prefill_pad: int, params, tokens_Bx
     num_forwards = jnp.int32(1)
   cache = cache.replace(lengths=jnp.full((batch,), prefill_len, jnp.int32))
   state = _DiffusionState(
-      tokens=tokens_BxL, step_of=step_of, conf_of=conf_of, cache=cache, start=prefill_len,
+      tokens=tokens_BxL, step_of=step_of, conf_of=conf_of, cache=cache,
+      start=jnp.full((batch,), prefill_len, jnp.int32),
       active=jnp.ones((batch,), bool), finished=jnp.zeros((batch,), bool),
       block_valid=jnp.zeros((batch,), bool), row_steps=zeros_B, num_forwards=num_forwards)
   return _update_status(state, knobs, statics.block_size)
 
 
+def _row_slices(array_BxL, start_B, size: int):
+  """``array[b, start[b] : start[b] + size]`` for every row, as [B, size]. Like every dynamic
+  slice, a start too close to the end is moved back so the slice fits (only rows that are done
+  have such starts, and ``_put_row_slices`` moves them back the same way)."""
+  if array_BxL.shape[0] == 1:  # one row: a plain slice, cheaper than a gather
+    return jax.lax.dynamic_slice_in_dim(array_BxL, start_B[0], size, axis=1)
+  take = lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, size)
+  return jax.vmap(take)(array_BxL, start_B)
+
+
+def _put_row_slices(array_BxL, start_B, values_BxT):
+  """Writes ``values[b]`` at ``array[b, start[b]:]`` for every row (``_row_slices``' inverse)."""
+  if array_BxL.shape[0] == 1:
+    return jax.lax.dynamic_update_slice_in_dim(array_BxL, values_BxT, start_B[0], axis=1)
+  put = lambda row, values, start: jax.lax.dynamic_update_slice_in_dim(row, values, start, 0)
+  return jax.vmap(put)(array_BxL, values_BxT, start_B)
+
+
 def _window_status(state: _DiffusionState, knobs: _Knobs, W: int):
   """(window tokens, generated-position mask, MASK-candidate mask), each [B, W]."""
-  window = jax.lax.dynamic_slice_in_dim(state.tokens, state.start, W, axis=1)
-  positions = state.start + jnp.arange(W, dtype=jnp.int32)
-  generated = ((positions[None] >= knobs.prompt_lens[:, None])
-               & (positions[None] < knobs.limits[:, None]))
+  window = _row_slices(state.tokens, state.start, W)
+  positions = state.start[:, None] + jnp.arange(W, dtype=jnp.int32)[None]
+  generated = ((positions >= knobs.prompt_lens[:, None])
+               & (positions < knobs.limits[:, None]))
   return window, generated, generated & (window == knobs.mask_id)
 
 
@@ -451,19 +473,27 @@ def _update_status(state: _DiffusionState, knobs: _Knobs, W: int) -> _DiffusionS
 
 def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knobs: _Knobs,
                budget) -> _DiffusionState:
-  """Steps and commits until no row is active or ``budget`` windows were committed.
+  """Steps and commits until no row is active or every active row committed ``budget`` windows.
 
-  Invariant between iterations: ``state.active`` already reflects the stop rule and the length
-  limit of the current window, so every iteration has work: a denoising step for the rows with
-  a MASK left, or else the commit of the window. Each iteration runs exactly one forward and no
-  conditional (a conditional would copy the whole cache at every step):
+  Each row moves its own window (``state.start`` [B]): a row whose window has no MASK left
+  commits it in the next window forward while the other rows go on denoising theirs, so no row
+  waits for the slowest one to finish a block. Invariant between iterations: ``state.active``
+  already reflects the stop rule and the length limit of each row's window, so every active row
+  has work: a denoising step if it has a MASK left, else the commit of its window. Each
+  iteration runs exactly one forward and no conditional (a conditional would copy the whole
+  cache at every step):
 
-  * without DualCache, a single loop of window forwards (the commit is a window forward too);
-  * with DualCache, an outer loop whose body is one full-window forward (the rows that need one,
-    or the commit) followed by an inner loop of S-token forwards while no row needs a full one.
-    A row that needs the other kind of forward waits; its own sequence of forwards is exactly
-    the one it would have alone. A waiting row's K/V go to scratch slots past the window
-    (``write_start = start + B``, invisible to every query), so its block cache stays intact.
+  * without DualCache, a single loop of window forwards (a commit is a window forward too), in
+    which every active row steps or commits;
+  * with DualCache, an outer loop whose body is one full-window forward (the rows that need
+    one, and the commits) followed by an inner loop of S-token forwards while at least as many
+    rows need one as need a full-window forward (every forward serves the larger group, the
+    S-token kind on a tie; on the bundled demo at batch 8 this took 15% fewer forwards than
+    giving full-window forwards priority). A row that needs the other kind of forward waits; its
+    own sequence of forwards is exactly the one it would have alone. A waiting row's K/V go to
+    scratch slots past its window (``write_start = start + B``, invisible to every query), so
+    its block cache stays intact. The inner loop ends with a row needing a full-window forward
+    (or none needing an S-token one), so the outer forward always serves some row.
   """
   model = nnx.merge(graphdef, params)
   W, S = statics.block_size, statics.sub_block_size
@@ -472,9 +502,11 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
   arange_W = jnp.arange(W, dtype=jnp.int32)
   arange_S = jnp.arange(S, dtype=jnp.int32)
 
-  def forward(tokens_BxT, cache, write_start, start):
+  def forward(tokens_BxT, cache, write_start_B, start_B):
+    # One row: a scalar write position, so the cache write is a plain dynamic update slice.
+    write_start = write_start_B[0] if batch == 1 else write_start_B
     return model(tokens_BxT, mask=full, cache=cache, write_start=write_start,
-                 kv_lengths=jnp.full((batch,), start + W, jnp.int32), return_hidden=True,
+                 kv_lengths=start_B + W, return_hidden=True,
                  attention_impl=statics.attention_impl)
 
   def heads(hidden_BxWxD, sub_B, row_steps):
@@ -492,11 +524,11 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
     return ids, conf, nxt, nxt_conf
 
   def needs(state):
-    """Window, MASK candidates, each row's sub-block, rows that step, whether to commit."""
+    """Window, MASK candidates, each row's sub-block, rows that step, rows that commit."""
     window, _, masked = _window_status(state, knobs, W)
     need_step = state.active & jnp.any(masked, axis=1)
     sub_B = jnp.argmax(masked, axis=1).astype(jnp.int32) // S  # sub-block of the first MASK
-    return window, masked, sub_B, need_step, ~jnp.any(need_step)
+    return window, masked, sub_B, need_step, state.active & ~need_step
 
   def dual_needs(state, masked, sub_B, need_step):
     head_masked = jnp.take_along_axis(masked, (sub_B * S)[:, None], axis=1)[:, 0]
@@ -513,42 +545,36 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
     best = jnp.argmax(conf_W, axis=1)
     fix = candidate & ((conf_W > knobs.threshold) | (arange_W[None] == best[:, None]))
     row_steps = state.row_steps + stepping.astype(jnp.int32)
-    old_steps = jax.lax.dynamic_slice_in_dim(state.step_of, start, W, axis=1)
-    old_conf = jax.lax.dynamic_slice_in_dim(state.conf_of, start, W, axis=1)
+    old_steps = _row_slices(state.step_of, start, W)
+    old_conf = _row_slices(state.conf_of, start, W)
     return state.replace(
-        tokens=jax.lax.dynamic_update_slice_in_dim(
-            state.tokens, jnp.where(fix, gather(ids), window), start, axis=1),
-        step_of=jax.lax.dynamic_update_slice_in_dim(
-            state.step_of, jnp.where(fix, row_steps[:, None], old_steps), start, axis=1),
-        conf_of=jax.lax.dynamic_update_slice_in_dim(
-            state.conf_of, jnp.where(fix, gather(conf), old_conf), start, axis=1),
+        tokens=_put_row_slices(state.tokens, start, jnp.where(fix, gather(ids), window)),
+        step_of=_put_row_slices(state.step_of, start,
+                                jnp.where(fix, row_steps[:, None], old_steps)),
+        conf_of=_put_row_slices(state.conf_of, start, jnp.where(fix, gather(conf), old_conf)),
         row_steps=row_steps)
 
-  def commit(state, is_commit, nxt, nxt_conf):
-    """The forward wrote the clean window's K/V; its last logit is the next block's first
-    token. When committing, pos < every active row's limit <= the buffer length."""
+  def commit(state, commits, nxt, nxt_conf):
+    """For the rows in ``commits``, the forward wrote their clean window's K/V and its last
+    logit is the next block's first token. A committing row is active with no MASK left, so
+    ``_update_status`` found its window below its limit: pos < limit <= the buffer length."""
     pos = state.start + W
-    counts = is_commit & state.active & (pos >= knobs.prompt_lens)
+    counts = commits & (pos >= knobs.prompt_lens)
     takes = counts & (pos < knobs.limits)
     row_steps = state.row_steps + counts.astype(jnp.int32)
     pos_c = jnp.minimum(pos, state.tokens.shape[1] - 1)
-    column = jax.lax.dynamic_slice_in_dim(state.tokens, pos_c, 1, axis=1)[:, 0]
-    column_steps = jax.lax.dynamic_slice_in_dim(state.step_of, pos_c, 1, axis=1)[:, 0]
-    column_conf = jax.lax.dynamic_slice_in_dim(state.conf_of, pos_c, 1, axis=1)[:, 0]
-    start = jnp.where(is_commit, pos, state.start)
+    column = lambda a: _row_slices(a, pos_c, 1)[:, 0]
+    put = lambda a, value, old: _put_row_slices(a, pos_c, jnp.where(takes, value, old)[:, None])
+    start = jnp.where(commits, pos, state.start)
     return state.replace(
-        tokens=jax.lax.dynamic_update_slice_in_dim(
-            state.tokens, jnp.where(takes, nxt, column)[:, None], pos_c, axis=1),
-        step_of=jax.lax.dynamic_update_slice_in_dim(
-            state.step_of, jnp.where(takes, row_steps, column_steps)[:, None], pos_c, axis=1),
-        conf_of=jax.lax.dynamic_update_slice_in_dim(
-            state.conf_of, jnp.where(takes, nxt_conf, column_conf)[:, None], pos_c, axis=1),
-        start=start, row_steps=row_steps,
-        cache=state.cache.replace(lengths=jnp.full((batch,), start, jnp.int32)))
+        tokens=put(state.tokens, nxt, column(state.tokens)),
+        step_of=put(state.step_of, row_steps, column(state.step_of)),
+        conf_of=put(state.conf_of, nxt_conf, column(state.conf_of)),
+        start=start, row_steps=row_steps, cache=state.cache.replace(lengths=start))
 
   def window_iteration(state):
-    """One full-window forward: denoising for the rows that need it, or the commit."""
-    window, masked, sub_B, need_step, is_commit = needs(state)
+    """One full-window forward: denoising for the rows that need it, and the commits."""
+    window, masked, sub_B, need_step, commits = needs(state)
     if statics.dual_cache:
       stepping, _ = dual_needs(state, masked, sub_B, need_step)
     else:
@@ -556,21 +582,20 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
     start = state.start
     write_start = start
     if statics.dual_cache and batch > 1:  # waiting rows keep their block cache
-      keeps = stepping | is_commit
-      write_start = jnp.where(keeps, start, start + W)
+      write_start = jnp.where(stepping | commits, start, start + W)
     hidden, cache = forward(window, state.cache, write_start, start)
     ids, conf, nxt, nxt_conf = heads(hidden, sub_B, state.row_steps)
     state = denoise(state.replace(cache=cache, num_forwards=state.num_forwards + 1),
                     window, masked, sub_B, stepping, ids, conf)
-    state = state.replace(block_valid=(state.block_valid | stepping) & ~is_commit)
-    return _update_status(commit(state, is_commit, nxt, nxt_conf), knobs, W), is_commit
+    state = state.replace(block_valid=(state.block_valid | stepping) & ~commits)
+    return _update_status(commit(state, commits, nxt, nxt_conf), knobs, W), commits
 
   def sub_block_iteration(state):
     """One S-token forward for the rows whose sub-block head is decoded (DualCache)."""
     window, masked, sub_B, need_step, _ = needs(state)
     _, need_sub = dual_needs(state, masked, sub_B, need_step)
     first = state.start + sub_B * S
-    write_start = first[0] if batch == 1 else jnp.where(need_sub, first, state.start + W)
+    write_start = jnp.where(need_sub, first, state.start + W) if batch > 1 else first
     tokens_BxS = jnp.take_along_axis(window, sub_B[:, None] * S + arange_S[None], axis=1)
     hidden, cache = forward(tokens_BxS, state.cache, write_start, state.start)
     shifted = jnp.take_along_axis(hidden, jnp.maximum(arange_S - 1, 0)[None, :, None], axis=1)
@@ -580,24 +605,24 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
     return _update_status(state, knobs, W)
 
   def sub_block_phase(state):
-    def cond(state):
-      _, masked, sub_B, need_step, _ = needs(state)
+    def cond(state):  # S-token forwards while they serve at least as many rows as a full one
+      _, masked, sub_B, need_step, commits = needs(state)
       need_full, need_sub = dual_needs(state, masked, sub_B, need_step)
-      return jnp.any(need_sub) & ~jnp.any(need_full)
+      return jnp.any(need_sub) & (jnp.sum(need_sub) >= jnp.sum(need_full | commits))
     return jax.lax.while_loop(cond, sub_block_iteration, state)
 
   def body(carry):
-    state, commits = carry
-    state, is_commit = window_iteration(state)
+    state, commits_B = carry
+    state, commits = window_iteration(state)
     if statics.dual_cache:
       state = sub_block_phase(state)
-    return state, commits + is_commit.astype(jnp.int32)
+    return state, commits_B + commits.astype(jnp.int32)
 
   def cond(carry):
-    state, commits = carry
-    return jnp.any(state.active) & (commits < budget)
+    state, commits_B = carry
+    return jnp.any(state.active & (commits_B < budget))
 
-  state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+  state, _ = jax.lax.while_loop(cond, body, (state, jnp.zeros((batch,), jnp.int32)))
   return state
 
 
@@ -628,8 +653,9 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
     config: a ``DecodeConfig`` (default ``DecodeConfig()``).
     progress: called as ``progress(done, total)`` (generated positions over all rows) after
       every chunk of ``blocks_per_call`` windows; implies chunking (default 1 window a chunk).
-    blocks_per_call: stop the device loop after this many window commits, report, resume.
-      None (and no progress): the whole generation is one device call.
+    blocks_per_call: stop the device loop once every active row has committed this many
+      windows since the last stop, report, resume. None (and no progress): the whole
+      generation is one device call.
     attention_impl: attention implementation name (``fdllm_jax.attention``), default xla.
   """
   config = DecodeConfig() if config is None else config

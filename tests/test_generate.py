@@ -85,8 +85,17 @@ def _finish(seq, steps, prompt_len, limit, stop_ids, forwards, finished):
           [conf for _, conf in fixed])
 
 
-def reference_no_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(STOP,)):
-  """Spec 4 greedy, without cache: every forward re-runs the whole sequence (block-causal)."""
+def _note(kinds, kind):
+  if kinds is not None:
+    kinds.append(kind)
+
+
+def reference_no_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(STOP,),
+                       kinds=None):
+  """Spec 4 greedy, without cache: every forward re-runs the whole sequence (block-causal).
+
+  ``kinds``, if a list, receives each forward's kind: "prefill", "full" (a step), "commit".
+  """
   logits_of = lambda seq: np.asarray(fdllm_jax.compute_logits(
       model, np.asarray([seq]), attention="block_causal", block_size=BLOCK))[0]
   P, limit = len(prompt), len(prompt) + max_new_tokens
@@ -95,6 +104,7 @@ def reference_no_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(ST
   if start:
     logits = logits_of(seq[:start])
     forwards += 1
+    _note(kinds, "prefill")
     if P == start:
       row_step += 1
       seq.append(_argmax_no_mask(logits[-1])[0])
@@ -112,6 +122,7 @@ def reference_no_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(ST
           break
         logits = logits_of(seq)
         forwards += 1
+        _note(kinds, "full")
         row_step += 1
         choices = {i: _argmax_no_mask(logits[max(i - 1, start)]) for i in candidates}
         best = max(candidates, key=lambda i: (choices[i][1], -i))
@@ -125,6 +136,7 @@ def reference_no_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(ST
       return _finish(seq, steps, P, limit, stop_ids, forwards, False)
     logits = logits_of(seq)  # the commit forward: the clean window's K/V and the next token
     forwards += 1
+    _note(kinds, "commit")
     row_step += 1
     seq.append(_argmax_no_mask(logits[-1])[0])
     steps[start + BLOCK] = row_step, _argmax_no_mask(logits[-1])[1]
@@ -138,9 +150,11 @@ def _cached_forward(model, tokens, cache, write_start, kv_length, mask):
   return logits, cache
 
 
-def reference_dual_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(STOP,)):
+def reference_dual_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(STOP,),
+                         kinds=None):
   """Spec 4.6 literally: a prefix cache, plus a block cache refreshed by full-window forwards
-  while the sub-block's first position is MASK and updated S slots at a time otherwise."""
+  while the sub-block's first position is MASK and updated S slots at a time otherwise.
+  ``kinds`` as in ``reference_no_cache``, with "sub" for an S-token step."""
   P, limit = len(prompt), len(prompt) + max_new_tokens
   total = -(-limit // BLOCK) * BLOCK
   prefix = KVCache.init(CONFIG, 1, total)
@@ -151,6 +165,7 @@ def reference_dual_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(
     logits, prefix = _cached_forward(model, np.asarray([seq[:start]]), prefix, i32(0),
                                      i32(start), masks.BlockCausal(BLOCK))
     forwards += 1
+    _note(kinds, "prefill")
     if P == start:
       row_step += 1
       seq.append(_argmax_no_mask(np.asarray(logits)[0, -1])[0])
@@ -172,11 +187,13 @@ def reference_dual_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(
               model, np.asarray([seq[start:start + BLOCK]]), prefix, i32(start),
               i32(start + BLOCK), masks.Full())
           logits, first = np.asarray(logits)[0], start
+          _note(kinds, "full")
         else:
           logits, block_cache = _cached_forward(
               model, np.asarray([seq[sub_lo:sub_hi]]), block_cache, i32(sub_lo),
               i32(start + BLOCK), masks.Full())
           logits, first = np.asarray(logits)[0], sub_lo
+          _note(kinds, "sub")
         forwards += 1
         row_step += 1
         choices = {i: _argmax_no_mask(logits[max(i - 1, first) - first]) for i in candidates}
@@ -192,6 +209,7 @@ def reference_dual_cache(model, prompt, *, threshold, max_new_tokens, stop_ids=(
     logits, prefix = _cached_forward(model, np.asarray([seq[start:start + BLOCK]]), prefix,
                                      i32(start), i32(start + BLOCK), masks.Full())
     forwards += 1
+    _note(kinds, "commit")
     row_step += 1
     seq.append(_argmax_no_mask(np.asarray(logits)[0, -1])[0])
     steps[start + BLOCK] = row_step, _argmax_no_mask(np.asarray(logits)[0, -1])[1]
@@ -305,6 +323,52 @@ def test_batch_matches_no_cache_reference(confident_model):
   for row, prompt in enumerate(prompts):
     _assert_same(out, row, reference_no_cache(confident_model, prompt, threshold=0.5,
                                               max_new_tokens=40, stop_ids=()))
+
+
+def _batch_schedule(row_kinds, prompt_lens, dual):
+  """Forwards a batch needs when each row runs, in its own window, the forwards it runs alone
+  (``kinds`` of the references). The batch's prefill covers the blocks every prompt fills; a
+  row's own prefill beyond them becomes one commit per prompt block. Without DualCache every
+  forward serves every row. With it a full-window forward serves the rows that need one (a
+  step or a commit), then S-token forwards follow while at least as many rows need one."""
+  shared = min(prompt_lens) // BLOCK
+  queues = [["commit"] * (P // BLOCK - shared) + [k for k in kinds if k != "prefill"]
+            for kinds, P in zip(row_kinds, prompt_lens)]
+  forwards = int(shared > 0)
+  if not dual:
+    return forwards + max(len(q) for q in queues)
+  wants = lambda kind: [bool(q) and (q[0] == "sub") == (kind == "sub") for q in queues]
+  serve = lambda rows: [q.pop(0) for q, r in zip(queues, rows) if r]
+  while any(queues):
+    serve(wants("full"))
+    forwards += 1
+    while any(wants("sub")) and sum(wants("sub")) >= sum(wants("full")):
+      serve(wants("sub"))
+      forwards += 1
+  return forwards
+
+
+@pytest.mark.parametrize("dual", [False, True])
+def test_rows_move_their_own_windows(confident_model, dual):
+  # A row never waits for another to finish a block: the batch runs exactly the forwards of
+  # _batch_schedule (a window shared by the batch, as in the reference, needs more).
+  lengths = [5, 70, 32, 1, 45, 9]
+  prompts = [_prompt(n, seed=3) for n in lengths]
+  reference = reference_dual_cache if dual else reference_no_cache
+  free = [reference(confident_model, p, threshold=0.9, max_new_tokens=45, stop_ids=())
+          for p in prompts]
+  stop = free[2][0][20]  # rows then finish at different times
+  kinds = [[] for _ in prompts]
+  refs = [reference(confident_model, p, threshold=0.9, max_new_tokens=45, stop_ids=(stop,),
+                    kinds=k) for p, k in zip(prompts, kinds)]
+  out = fdllm_jax.generate(confident_model, prompts,
+                           _config(max_new_tokens=45, stop_ids=(stop,), use_dual_cache=dual))
+  for row, ref in enumerate(refs):
+    _assert_same(out, row, ref)
+  assert out.finished[2] and not all(out.finished)
+  assert out.num_forwards == _batch_schedule(kinds, lengths, dual)
+  if dual:
+    assert {"full", "sub", "commit"} <= {k for row in kinds for k in row}
 
 
 def test_stop_at_first_token_and_finished_rows_freeze(plain_model):
