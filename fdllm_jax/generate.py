@@ -2,16 +2,17 @@
 
 ``generate(model, prompts, config)`` decodes a batch of prompts of different lengths:
 
-* Prefill: the blocks that every row's prompt fills (``c0 = min_b floor(P_b / B) * B`` tokens)
-  run once with the block-causal mask and fill the KV cache; a row whose prompt ends exactly
-  there takes its first new token from the last prefill logit.
+* Prefill: one forward with the block-causal mask fills the KV cache with each row's whole
+  prompt blocks (``floor(P_b / B) * B`` tokens of row b; the reference prefills only the blocks
+  every row's prompt fills, spec 4.7); a row whose prompt ends exactly there takes its first
+  new token from its last prefill logit.
 * Each row then moves its own window of B positions block by block (the reference moves one
   window shared by the batch, spec 4.7; per-row windows give every row the same tokens and
-  spend fewer forwards, since no row waits for the slowest to finish a block). A window holds
-  the row's prompt tokens (or the carried first token) at their positions and MASK elsewhere.
-  The row works on its current sub-block (the one holding its first MASK) and, once no MASK
-  is left, commits the window: one forward with cache update, whose last logit gives the next
-  block's first token. A row whose prompt covers its whole window just commits it.
+  spend fewer forwards, since no row waits for the slowest to finish a block, and a row's
+  forwards are exactly those it runs alone). A window holds the row's prompt tokens (or the
+  carried first token) at their positions and MASK elsewhere. The row works on its current
+  sub-block (the one holding its first MASK) and, once no MASK is left, commits the window:
+  one forward with cache update, whose last logit gives the next block's first token.
 * Each denoising step forwards the window against the committed prefix (``masks.Full()`` with
   ``kv_lengths = start + B``, which is block-causal for the window), shifts the logits by one
   position, and fixes every MASK of the row's sub-block whose confidence exceeds the threshold,
@@ -386,12 +387,14 @@ def _choose(model, hidden_BxTxD, knobs: _Knobs, row_steps_B, statics: _Statics):
 
 
 def _prefill_fn(graphdef, statics: _Statics, prefill_pad: int, params, tokens_BxL,
-                knobs: _Knobs, prefill_len) -> _DiffusionState:
-  """Block-causal prefill of the first ``prefill_len`` tokens (a multiple of B, traced).
+                knobs: _Knobs, prefill_len_B) -> _DiffusionState:
+  """Block-causal prefill of each row's whole prompt blocks: ``prefill_len_B`` (int32[B],
+  multiples of B, traced) tokens of row b, where its first window starts.
 
-  The forward covers ``prefill_pad >= prefill_len`` tokens (a static bucket): the block-causal
-  mask keeps the extra tokens from influencing the first ``prefill_len``, and their K/V slots
-  lie in windows that rewrite them before any query can see them.
+  One forward covers ``prefill_pad >= max(prefill_len_B)`` tokens of every row (a static
+  bucket): the block-causal mask keeps the tokens after a row's prefill from influencing it,
+  and their K/V slots lie in the row's windows, which rewrite them before any query can see
+  them. A row whose prompt ends exactly there takes its first new token from the last logit.
   """
   model = nnx.merge(graphdef, params)
   batch, total = tokens_BxL.shape
@@ -401,28 +404,27 @@ def _prefill_fn(graphdef, statics: _Statics, prefill_pad: int, params, tokens_Bx
   step_of = jnp.zeros((batch, total), jnp.int32)
   conf_of = jnp.zeros((batch, total), jnp.float32)
   num_forwards = jnp.int32(0)
-  prefill_len = jnp.asarray(prefill_len, jnp.int32)
+  prefill_len_B = jnp.asarray(prefill_len_B, jnp.int32)
   if prefill_pad:
     hidden, cache = model(tokens_BxL[:, :prefill_pad], mask=masks_lib.BlockCausal(
         statics.block_size), cache=cache, write_start=0,
         kv_lengths=jnp.full((batch,), prefill_pad, jnp.int32), return_hidden=True,
         attention_impl=statics.attention_impl)
-    last = jax.lax.dynamic_slice_in_dim(hidden, prefill_len - 1, 1, axis=1)[:, 0]
+    last = _row_slices(hidden, jnp.maximum(prefill_len_B - 1, 0), 1)[:, 0]
     first, first_conf = sampling.greedy(model.logits(last), knobs.mask_id)
-    takes = knobs.prompt_lens == prefill_len  # the prompt ends here: a generated position
-    column = jax.lax.dynamic_slice_in_dim(tokens_BxL, prefill_len, 1, axis=1)[:, 0]
-    tokens_BxL = jax.lax.dynamic_update_slice_in_dim(
-        tokens_BxL, jnp.where(takes, first, column)[:, None], prefill_len, axis=1)
-    step_of = jax.lax.dynamic_update_slice_in_dim(
-        step_of, takes.astype(jnp.int32)[:, None], prefill_len, axis=1)
-    conf_of = jax.lax.dynamic_update_slice_in_dim(
-        conf_of, jnp.where(takes, first_conf, 0.0)[:, None], prefill_len, axis=1)
+    # the prompt ends at the prefill: its next position is generated, from the last logit
+    takes = (prefill_len_B > 0) & (knobs.prompt_lens == prefill_len_B)
+    column = _row_slices(tokens_BxL, prefill_len_B, 1)[:, 0]
+    put = lambda a, value, old: _put_row_slices(a, prefill_len_B,
+                                                jnp.where(takes, value, old)[:, None])
+    tokens_BxL = put(tokens_BxL, first, column)
+    step_of = put(step_of, 1, 0)
+    conf_of = put(conf_of, first_conf, 0.0)
     zeros_B = takes.astype(jnp.int32)
     num_forwards = jnp.int32(1)
-  cache = cache.replace(lengths=jnp.full((batch,), prefill_len, jnp.int32))
   state = _DiffusionState(
-      tokens=tokens_BxL, step_of=step_of, conf_of=conf_of, cache=cache,
-      start=jnp.full((batch,), prefill_len, jnp.int32),
+      tokens=tokens_BxL, step_of=step_of, conf_of=conf_of,
+      cache=cache.replace(lengths=prefill_len_B), start=prefill_len_B,
       active=jnp.ones((batch,), bool), finished=jnp.zeros((batch,), bool),
       block_valid=jnp.zeros((batch,), bool), row_steps=zeros_B, num_forwards=num_forwards)
   return _update_status(state, knobs, statics.block_size)
@@ -671,8 +673,8 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
   W = config.block_size
   prompt_lens = np.asarray([len(r) for r in rows], np.int32)
   batch, total = len(rows), bucket(int(limits.max()), W)
-  prefill_len = int(prompt_lens.min()) // W * W  # the blocks every prompt fills
-  prefill_pad = min(bucket(prefill_len, W), total)
+  prefill_lens = prompt_lens // W * W  # each row's whole prompt blocks
+  prefill_pad = min(bucket(int(prefill_lens.max()), W), total)
   tokens = np.full((batch, total), config.mask_id, np.int32)
   for i, row in enumerate(rows):
     tokens[i, :len(row)] = row
@@ -690,9 +692,9 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
   compile_seconds = 0.0
   prefill, seconds = _executable(
       "prefill", functools.partial(_prefill_fn, graphdef, statics, prefill_pad),
-      (prepared.key, statics, prefill_pad), (params, tokens, knobs, jnp.int32(prefill_len)))
+      (prepared.key, statics, prefill_pad), (params, tokens, knobs, prefill_lens))
   compile_seconds += seconds
-  state = prefill(params, tokens, knobs, jnp.int32(prefill_len))
+  state = prefill(params, tokens, knobs, prefill_lens)
   budget = jnp.int32(blocks_per_call or _NO_BUDGET)
   decode, seconds = _executable(
       "decode", functools.partial(_decode_fn, graphdef, statics), (prepared.key, statics),

@@ -325,16 +325,14 @@ def test_batch_matches_no_cache_reference(confident_model):
                                               max_new_tokens=40, stop_ids=()))
 
 
-def _batch_schedule(row_kinds, prompt_lens, dual):
+def _batch_schedule(row_kinds, dual):
   """Forwards a batch needs when each row runs, in its own window, the forwards it runs alone
-  (``kinds`` of the references). The batch's prefill covers the blocks every prompt fills; a
-  row's own prefill beyond them becomes one commit per prompt block. Without DualCache every
-  forward serves every row. With it a full-window forward serves the rows that need one (a
-  step or a commit), then S-token forwards follow while at least as many rows need one."""
-  shared = min(prompt_lens) // BLOCK
-  queues = [["commit"] * (P // BLOCK - shared) + [k for k in kinds if k != "prefill"]
-            for kinds, P in zip(row_kinds, prompt_lens)]
-  forwards = int(shared > 0)
+  (``kinds`` of the references): one prefill for the rows that have one, then without
+  DualCache every forward serves every row; with it a full-window forward serves the rows that
+  need one (a step or a commit), then S-token forwards follow while at least as many rows need
+  one."""
+  queues = [[k for k in kinds if k != "prefill"] for kinds in row_kinds]
+  forwards = int(any("prefill" in kinds for kinds in row_kinds))
   if not dual:
     return forwards + max(len(q) for q in queues)
   wants = lambda kind: [bool(q) and (q[0] == "sub") == (kind == "sub") for q in queues]
@@ -350,8 +348,9 @@ def _batch_schedule(row_kinds, prompt_lens, dual):
 
 @pytest.mark.parametrize("dual", [False, True])
 def test_rows_move_their_own_windows(confident_model, dual):
-  # A row never waits for another to finish a block: the batch runs exactly the forwards of
-  # _batch_schedule (a window shared by the batch, as in the reference, needs more).
+  # A row never waits for another to finish a block nor commits windows of its prompt: the
+  # batch runs exactly the forwards of _batch_schedule (the reference's window and prefill,
+  # shared by the batch, need more).
   lengths = [5, 70, 32, 1, 45, 9]
   prompts = [_prompt(n, seed=3) for n in lengths]
   reference = reference_dual_cache if dual else reference_no_cache
@@ -366,7 +365,7 @@ def test_rows_move_their_own_windows(confident_model, dual):
   for row, ref in enumerate(refs):
     _assert_same(out, row, ref)
   assert out.finished[2] and not all(out.finished)
-  assert out.num_forwards == _batch_schedule(kinds, lengths, dual)
+  assert out.num_forwards == _batch_schedule(kinds, dual)
   if dual:
     assert {"full", "sub", "commit"} <= {k for row in kinds for k in row}
 
