@@ -431,9 +431,9 @@ def _prefill_fn(graphdef, statics: _Statics, prefill_pad: int, params, tokens_Bx
 
 
 def _row_slices(array_BxL, start_B, size: int):
-  """``array[b, start[b] : start[b] + size]`` for every row, as [B, size]. Like every dynamic
-  slice, a start too close to the end is moved back so the slice fits (only rows that are done
-  have such starts, and ``_put_row_slices`` moves them back the same way)."""
+  """``array[b, start[b] : start[b] + size]`` for every row, as [B, size, ...]. Like every
+  dynamic slice, a start too close to the end is moved back so the slice fits (only rows that
+  are done have such starts, and ``_put_row_slices`` moves them back the same way)."""
   if array_BxL.shape[0] == 1:  # one row: a plain slice, cheaper than a gather
     return jax.lax.dynamic_slice_in_dim(array_BxL, start_B[0], size, axis=1)
   take = lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, size)
