@@ -47,8 +47,9 @@ class KVCache:
 def write(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start) -> jax.Array:
   """Writes T consecutive slots per row, from ``start`` (a scalar shared by all rows, or int32[B]).
 
-  A scalar start (the block-diffusion window, shared by the batch) is one dynamic update slice;
-  per-row starts (the AR baseline on ragged prompts) become a per-row update.
+  A scalar start (every write of a batch of one row, and the prefill) is one dynamic update
+  slice; per-row starts (each row's own block window, the AR baseline on ragged prompts) become
+  a per-row update.
   """
   new_BxTxKxD = new_BxTxKxD.astype(cache_BxSxKxD.dtype)
   start = jnp.asarray(start, jnp.int32)
