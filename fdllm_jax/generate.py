@@ -39,6 +39,10 @@ compiles nothing (``GenerateOutput.compile_seconds == 0``). The loop state (cach
 donated. For a progress display the loop can stop after a number of block commits and be
 resumed (``blocks_per_call``): one host round trip per chunk, none per step.
 
+With ``max_batch_size`` smaller than the number of prompts, the rows are slots: when a row ends,
+the host collects it and gives the row the next prompt, whose prompt blocks then enter through
+the row's window (``_refill_fn``); the device loop returns whenever a row ends.
+
 ``generate_ar`` is causal KV-cache decoding in the same style (1-token steps, per-row write
 positions for ragged prompts, one loop on the device).
 """
@@ -474,8 +478,10 @@ def _update_status(state: _DiffusionState, knobs: _Knobs, W: int) -> _DiffusionS
 
 
 def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knobs: _Knobs,
-               budget) -> _DiffusionState:
-  """Steps and commits until no row is active or every active row committed ``budget`` windows.
+               budget, stop_on_end) -> _DiffusionState:
+  """Steps and commits until no row is active, every active row committed ``budget`` windows,
+  or (``stop_on_end``, traced bool) a row that was active on entry ended, so that the host can
+  give its slot the next prompt.
 
   Each row moves its own window (``state.start`` [B]): a row whose window has no MASK left
   commits it in the next window forward while the other rows go on denoising theirs, so no row
@@ -620,12 +626,33 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
       state = sub_block_phase(state)
     return state, commits_B + commits.astype(jnp.int32)
 
+  entry_active = state.active
+
   def cond(carry):
     state, commits_B = carry
-    return jnp.any(state.active & (commits_B < budget))
+    ended = jnp.any(entry_active & ~state.active)
+    return jnp.any(state.active & (commits_B < budget)) & ~(stop_on_end & ended)
 
   state, _ = jax.lax.while_loop(cond, body, (state, jnp.zeros((batch,), jnp.int32)))
   return state
+
+
+def _refill_fn(W: int, params, state: _DiffusionState, knobs: _Knobs, refill_B,
+               tokens_BxL) -> _DiffusionState:
+  """Rows in ``refill_B`` start the prompts of ``tokens_BxL`` (``knobs`` already describes
+  them): window at 0, counters cleared. The row's prompt blocks then enter through its window,
+  one commit forward each (the K/V a prefill would give), and its stale cache slots stay
+  beyond every query's ``kv_lengths``. ``params`` is unused (the executable cache's key)."""
+  del params
+  r = refill_B[:, None]
+  state = state.replace(
+      tokens=jnp.where(r, tokens_BxL, state.tokens),
+      step_of=jnp.where(r, 0, state.step_of), conf_of=jnp.where(r, 0.0, state.conf_of),
+      start=jnp.where(refill_B, 0, state.start),
+      active=state.active | refill_B, finished=state.finished & ~refill_B,
+      block_valid=state.block_valid & ~refill_B,
+      row_steps=jnp.where(refill_B, 0, state.row_steps))
+  return _update_status(state, knobs, W)
 
 
 # ------------------------------------------------------------------------------- public API
@@ -646,7 +673,8 @@ def bucket(n: int, block: int) -> int:
 def generate(model, prompts, config: DecodeConfig | None = None, *,
              progress: Callable[[int, int], None] | None = None,
              blocks_per_call: int | None = None,
-             attention_impl: str | None = None) -> GenerateOutput:
+             attention_impl: str | None = None,
+             max_batch_size: int | None = None) -> GenerateOutput:
   """Block-diffusion decoding of a batch of prompts (see the module docstring).
 
   Args:
@@ -659,6 +687,11 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
       windows since the last stop, report, resume. None (and no progress): the whole
       generation is one device call.
     attention_impl: attention implementation name (``fdllm_jax.attention``), default xla.
+    max_batch_size: decode at most this many prompts at a time (rows of the device batch):
+      when a row ends, the host gives it the next prompt, whose prompt blocks then enter
+      through the row's window (one commit forward each, alongside the other rows' steps)
+      instead of a prefill. Each prompt's result is the same as in one batch; the device loop
+      returns to the host whenever a row ends. None: every prompt in one batch.
   """
   config = DecodeConfig() if config is None else config
   if not isinstance(config, DecodeConfig):
@@ -672,22 +705,32 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
   limits = _limits(rows, config.max_new_tokens, max_length)
   W = config.block_size
   prompt_lens = np.asarray([len(r) for r in rows], np.int32)
-  batch, total = len(rows), bucket(int(limits.max()), W)
-  prefill_lens = prompt_lens // W * W  # each row's whole prompt blocks
-  prefill_pad = min(bucket(int(prefill_lens.max()), W), total)
-  tokens = np.full((batch, total), config.mask_id, np.int32)
-  for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
   if blocks_per_call is not None and (not _is_int(blocks_per_call) or blocks_per_call < 1):
     raise ValueError(f"blocks_per_call must be None or an integer >= 1; got {blocks_per_call!r}")
+  if max_batch_size is not None and (not _is_int(max_batch_size) or max_batch_size < 1):
+    raise ValueError(f"max_batch_size must be None or an integer >= 1; got {max_batch_size!r}")
   if progress is not None and blocks_per_call is None:
     blocks_per_call = 1
+  batch = len(rows) if max_batch_size is None else min(max_batch_size, len(rows))
+  total = bucket(int(limits.max()), W)
+  queue = collections.deque(range(batch, len(rows)))  # prompts waiting for a row
+  prompt_of = list(range(batch))  # the prompt each row decodes (None: no more prompts)
+
+  def row_tokens(i):
+    ids = np.full((total,), config.mask_id, np.int32)
+    ids[:len(rows[i])] = rows[i]
+    return ids
+
+  tokens = np.stack([row_tokens(i) for i in prompt_of])
+  row_prompt_lens, row_limits = prompt_lens[:batch].copy(), limits[:batch].copy()
+  prefill_lens = row_prompt_lens // W * W  # each row's whole prompt blocks
+  prefill_pad = min(bucket(int(prefill_lens.max()), W), total)
 
   statics = _Statics(W, config.sub_block_size, config.use_dual_cache,
                      config.temperature == 0.0, attention_impl)
   prepared = _prepare(model)
   graphdef, params = prepared.graphdef, prepared.params
-  knobs = _knobs(config, prompt_lens, limits)
+  knobs = _knobs(config, row_prompt_lens, row_limits)
   tokens = jnp.asarray(tokens)
   compile_seconds = 0.0
   prefill, seconds = _executable(
@@ -696,34 +739,71 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
   compile_seconds += seconds
   state = prefill(params, tokens, knobs, prefill_lens)
   budget = jnp.int32(blocks_per_call or _NO_BUDGET)
+  stop_on_end = np.asarray(bool(queue))
   decode, seconds = _executable(
       "decode", functools.partial(_decode_fn, graphdef, statics), (prepared.key, statics),
-      (params, state, knobs, budget), donate=(1,))
+      (params, state, knobs, budget, stop_on_end), donate=(1,))
   compile_seconds += seconds
 
+  results = [None] * len(rows)  # per prompt: (tokens, steps, confidences, finished)
+  fetch = lambda s: (s.tokens, s.step_of, s.conf_of, s.finished)
   host_syncs = 0
   total_positions = int((limits - prompt_lens).sum())
   while True:
-    state = decode(params, state, knobs, budget)
-    if blocks_per_call is None:
+    state = decode(params, state, knobs, budget, stop_on_end)
+    if blocks_per_call is None and not queue:
       break
     start, active = jax.device_get((state.start, state.active))
     host_syncs += 1
+    ended = [b for b, i in enumerate(prompt_of) if i is not None and not active[b]]
+    if queue and ended:  # collect the ended rows, give them the next prompts
+      arrays = jax.device_get(fetch(state))
+      host_syncs += 1
+      refill = np.zeros((batch,), bool)
+      new_tokens = np.zeros((batch, total), np.int32)
+      for b in ended:
+        results[prompt_of[b]] = _row_result(arrays, b, row_prompt_lens[b], row_limits[b], config)
+        prompt_of[b] = queue.popleft() if queue else None
+        if prompt_of[b] is not None:
+          refill[b], new_tokens[b] = True, row_tokens(prompt_of[b])
+          row_prompt_lens[b], row_limits[b] = prompt_lens[prompt_of[b]], limits[prompt_of[b]]
+      knobs = _knobs(config, row_prompt_lens, row_limits)
+      stop_on_end = np.asarray(bool(queue))
+      if refill.any():
+        refill_rows, seconds = _executable(
+            "refill", functools.partial(_refill_fn, W), (prepared.key, W),
+            (params, state, knobs, refill, new_tokens), donate=(1,))
+        compile_seconds += seconds
+        state = refill_rows(params, state, knobs, refill, new_tokens)
+        active, start = active | refill, np.where(refill, 0, start)
     if progress is not None:
-      done = np.where(active, np.clip(np.minimum(start, limits) - prompt_lens, 0, None),
-                      limits - prompt_lens)
-      progress(int(done.sum()), total_positions)
+      done = sum(limits[i] - prompt_lens[i] for i, r in enumerate(results) if r is not None)
+      for b, i in enumerate(prompt_of):
+        if i is not None and results[i] is None:
+          done += (max(min(start[b], limits[i]) - prompt_lens[i], 0) if active[b] else
+                   limits[i] - prompt_lens[i])
+      progress(int(done), total_positions)
     if not active.any():
       break
-  tokens_out, step_of, conf_of, finished, num_forwards = jax.device_get(
-      (state.tokens, state.step_of, state.conf_of, state.finished, state.num_forwards))
+  *arrays, num_forwards = jax.device_get((*fetch(state), state.num_forwards))
   host_syncs += 1
-  out_tokens, out_steps, out_conf = _cut(tokens_out, step_of, conf_of, prompt_lens, limits,
-                                         config.stop_ids, config.mask_id)
+  for b, i in enumerate(prompt_of):
+    if i is not None and results[i] is None:
+      results[i] = _row_result(arrays, b, row_prompt_lens[b], row_limits[b], config)
+  out_tokens, out_steps, out_conf, finished = (list(x) for x in zip(*results))
   return GenerateOutput(
-      tokens=out_tokens, finished=[bool(f) for f in finished], num_forwards=int(num_forwards),
+      tokens=out_tokens, finished=finished, num_forwards=int(num_forwards),
       step_of_token=out_steps, seconds=time.perf_counter() - wall_start - compile_seconds,
       compile_seconds=compile_seconds, host_syncs=host_syncs, confidence_of_token=out_conf)
+
+
+def _row_result(arrays, b: int, prompt_len: int, limit: int, config: DecodeConfig):
+  """(tokens, steps, confidences, finished) of row ``b`` of fetched state arrays."""
+  tokens_BxL, step_of_BxL, conf_of_BxL, finished_B = arrays
+  (ids,), (steps,), (conf,) = _cut(tokens_BxL[b:b + 1], step_of_BxL[b:b + 1],
+                                   conf_of_BxL[b:b + 1], [prompt_len], [limit],
+                                   config.stop_ids, config.mask_id)
+  return ids, steps, conf, bool(finished_B[b])
 
 
 def _cut(tokens_BxL, step_of_BxL, conf_of_BxL, prompt_lens, limits, stop_ids, mask_id):

@@ -370,6 +370,37 @@ def test_rows_move_their_own_windows(confident_model, dual):
     assert {"full", "sub", "commit"} <= {k for row in kinds for k in row}
 
 
+@pytest.mark.parametrize("dual", [False, True])
+def test_max_batch_size_streams_prompts_through_the_rows(confident_model, dual):
+  # 7 prompts through 3 rows: an ended row takes the next prompt, whose prompt blocks enter
+  # through its window instead of a prefill. Every prompt's result is that of one batch.
+  lengths = [5, 70, 32, 1, 45, 9, 64]
+  prompts = [_prompt(n, seed=4) for n in lengths]
+  free = fdllm_jax.generate(confident_model, prompts, _config(max_new_tokens=40, stop_ids=(),
+                                                              use_dual_cache=dual))
+  stop = free.tokens[1][15]
+  config = _config(max_new_tokens=40, stop_ids=(stop,), use_dual_cache=dual)
+  one_batch = fdllm_jax.generate(confident_model, prompts, config)
+  reports = []
+  streamed = fdllm_jax.generate(confident_model, prompts, config, max_batch_size=3,
+                                progress=lambda done, total: reports.append((done, total)))
+  assert streamed.tokens == one_batch.tokens
+  assert streamed.step_of_token == one_batch.step_of_token
+  assert streamed.finished == one_batch.finished and any(streamed.finished)
+  np.testing.assert_allclose(sum(streamed.confidence_of_token, []),
+                             sum(one_batch.confidence_of_token, []), rtol=1e-4, atol=1e-6)
+  assert reports[-1] == (280, 280)  # 7 prompts x 40 positions
+  assert [d for d, _ in reports] == sorted(d for d, _ in reports)
+  # Three rows take more forwards than seven, fewer than 7 prompts one after the other.
+  alone = sum(fdllm_jax.generate(confident_model, [p], config).num_forwards for p in prompts)
+  assert one_batch.num_forwards < streamed.num_forwards < alone
+  # A batch no larger than max_batch_size is one batch: one device call.
+  whole = fdllm_jax.generate(confident_model, prompts, config, max_batch_size=7)
+  assert whole.tokens == one_batch.tokens and whole.host_syncs == 1
+  with pytest.raises(ValueError, match="max_batch_size must be None or an integer >= 1; got 0"):
+    fdllm_jax.generate(confident_model, prompts, config, max_batch_size=0)
+
+
 def test_stop_at_first_token_and_finished_rows_freeze(plain_model):
   prompt = _prompt(32)
   first = fdllm_jax.generate(plain_model, [prompt], _config(max_new_tokens=1, stop_ids=()))
