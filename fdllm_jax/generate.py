@@ -690,8 +690,9 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
     max_batch_size: decode at most this many prompts at a time (rows of the device batch):
       when a row ends, the host gives it the next prompt, whose prompt blocks then enter
       through the row's window (one commit forward each, alongside the other rows' steps)
-      instead of a prefill. Each prompt's result is the same as in one batch; the device loop
-      returns to the host whenever a row ends. None: every prompt in one batch.
+      instead of a prefill. Each prompt is decoded as in one batch (its prompt's K/V come from
+      window forwards rather than the prefill: the same values up to float rounding); the
+      device loop returns to the host whenever a row ends. None: every prompt in one batch.
   """
   config = DecodeConfig() if config is None else config
   if not isinstance(config, DecodeConfig):
