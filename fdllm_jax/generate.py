@@ -330,6 +330,7 @@ class _Knobs:
 
   prompt_lens: jax.Array  # int32[B]
   limits: jax.Array  # int32[B]: positions < limit are generated
+  prompt_ids: jax.Array  # int32[B]: which prompt each row decodes (its sampling keys)
   stop_ids: jax.Array  # int32[n]
   mask_id: jax.Array
   threshold: jax.Array
@@ -362,12 +363,14 @@ class _Statics:
 
 
 def _knobs(config: DecodeConfig, prompt_lens, limits, *, temperature=None, top_p=None,
-           threshold=None, stop_ids=None, seed=None, mask_id=None) -> _Knobs:
+           threshold=None, stop_ids=None, seed=None, mask_id=None, prompt_ids=None) -> _Knobs:
   # numpy values: cheaper to build than device arrays; the executable call transfers them.
   f32 = lambda v: np.asarray(v, np.float32)
   stops = config.stop_ids if stop_ids is None else stop_ids
   return _Knobs(
       prompt_lens=np.asarray(prompt_lens, np.int32), limits=np.asarray(limits, np.int32),
+      prompt_ids=np.asarray(np.arange(len(prompt_lens)) if prompt_ids is None else prompt_ids,
+                            np.int32),
       stop_ids=np.asarray(stops, np.int32).reshape(-1),
       mask_id=np.asarray(config.mask_id if mask_id is None else mask_id, np.int32),
       threshold=f32(config.threshold if threshold is None else threshold),
@@ -385,7 +388,7 @@ def _choose(model, hidden_BxTxD, knobs: _Knobs, row_steps_B, statics: _Statics):
   logits = model.logits(hidden_BxTxD)
   if statics.greedy:
     return sampling.greedy(logits, knobs.mask_id)
-  return sampling.sample(logits, sampling.row_keys(knobs.seed, row_steps_B),
+  return sampling.sample(logits, sampling.row_keys(knobs.seed, row_steps_B, knobs.prompt_ids),
                          temperature=knobs.temperature, top_p=knobs.top_p,
                          exclude_id=knobs.mask_id)
 
@@ -768,7 +771,8 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
         if prompt_of[b] is not None:
           refill[b], new_tokens[b] = True, row_tokens(prompt_of[b])
           row_prompt_lens[b], row_limits[b] = prompt_lens[prompt_of[b]], limits[prompt_of[b]]
-      knobs = _knobs(config, row_prompt_lens, row_limits)
+      knobs = _knobs(config, row_prompt_lens, row_limits,
+                     prompt_ids=[-1 if i is None else i for i in prompt_of])
       stop_on_end = np.asarray(bool(queue))
       if refill.any():
         refill_rows, seconds = _executable(

@@ -101,12 +101,14 @@ def choose(logits_xV: jax.Array, key, *, greedy_only: bool, temperature=0.0, top
   return sample(logits_xV, key, temperature=temperature, top_p=top_p, exclude_id=exclude_id)
 
 
-def row_keys(seed, step_B: jax.Array) -> jax.Array:
+def row_keys(seed, step_B: jax.Array, row_B: jax.Array | None = None) -> jax.Array:
   """One PRNG key per row from (seed, row index, that row's own step counter).
 
   Keying by the row's own counter makes a row's samples independent of what the other rows of
-  the batch do (a row decoded alone draws the same numbers as row 0 of a batch).
+  the batch do (a row decoded alone draws the same numbers as row 0 of a batch). ``row_B``
+  overrides the row index (default ``arange(B)``): the prompt a row decodes, when rows take
+  prompts in turn (``generate``'s ``max_batch_size``).
   """
   base = jax.random.key(seed)
-  rows = jnp.arange(step_B.shape[0], dtype=jnp.int32)
+  rows = jnp.arange(step_B.shape[0], dtype=jnp.int32) if row_B is None else row_B
   return jax.vmap(lambda r, s: jax.random.fold_in(jax.random.fold_in(base, r), s))(rows, step_B)

@@ -401,6 +401,18 @@ def test_max_batch_size_streams_prompts_through_the_rows(confident_model, dual):
     fdllm_jax.generate(confident_model, prompts, config, max_batch_size=0)
 
 
+def test_max_batch_size_keeps_each_prompts_samples(plain_model):
+  # Sampling keys follow the prompt, not the row it is decoded in: streamed rows draw what one
+  # batch draws (identical prompts 0 and 1 still draw different tokens).
+  prompts = [_prompt(n, seed=12) for n in (6, 6, 37, 3, 40)]
+  prompts[1] = list(prompts[0])
+  config = _config(temperature=1.0, top_p=0.9, seed=3, stop_ids=(), max_new_tokens=24)
+  one_batch = fdllm_jax.generate(plain_model, prompts, config)
+  streamed = fdllm_jax.generate(plain_model, prompts, config, max_batch_size=2)
+  assert streamed.tokens == one_batch.tokens
+  assert streamed.tokens[0] != streamed.tokens[1]
+
+
 def test_stop_at_first_token_and_finished_rows_freeze(plain_model):
   prompt = _prompt(32)
   first = fdllm_jax.generate(plain_model, [prompt], _config(max_new_tokens=1, stop_ids=()))

@@ -92,6 +92,9 @@ def test_row_keys_depend_on_seed_row_and_step():
   assert data(a[0]) == data(b[0])  # the same (seed, row, step)
   assert data(a[0]) != data(a[1]) and data(b[0]) != data(b[1])
   assert data(sampling.row_keys(jnp.uint32(8), jnp.asarray([0], jnp.int32))[0]) != data(a[0])
+  # an explicit row index (the prompt a row decodes) replaces the position in the batch
+  c = sampling.row_keys(jnp.uint32(7), jnp.asarray([3, 0], jnp.int32), jnp.asarray([2, 1]))
+  assert data(c[0]) == data(a[2]) and data(c[1]) == data(a[1])
 
 
 def test_choose_dispatches():
