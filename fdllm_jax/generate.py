@@ -695,7 +695,9 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
       through the row's window (one commit forward each, alongside the other rows' steps)
       instead of a prefill. Each prompt is decoded as in one batch (its prompt's K/V come from
       window forwards rather than the prefill: the same values up to float rounding); the
-      device loop returns to the host whenever a row ends. None: every prompt in one batch.
+      device loop returns to the host whenever a row ends. Sampling keys follow the prompt,
+      not the row, so sampled tokens are also those of one batch. None: every prompt in one
+      batch.
   """
   config = DecodeConfig() if config is None else config
   if not isinstance(config, DecodeConfig):
