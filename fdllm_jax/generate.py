@@ -421,12 +421,9 @@ def _prefill_fn(graphdef, statics: _Statics, prefill_pad: int, params, tokens_Bx
     first, first_conf = sampling.greedy(model.logits(last), knobs.mask_id)
     # the prompt ends at the prefill: its next position is generated, from the last logit
     takes = (prefill_len_B > 0) & (knobs.prompt_lens == prefill_len_B)
-    column = _row_slices(tokens_BxL, prefill_len_B, 1)[:, 0]
-    put = lambda a, value, old: _put_row_slices(a, prefill_len_B,
-                                                jnp.where(takes, value, old)[:, None])
-    tokens_BxL = put(tokens_BxL, first, column)
-    step_of = put(step_of, 1, 0)
-    conf_of = put(conf_of, first_conf, 0.0)
+    tokens_BxL = _set_at(tokens_BxL, prefill_len_B, takes, first)
+    step_of = _set_at(step_of, prefill_len_B, takes, 1)
+    conf_of = _set_at(conf_of, prefill_len_B, takes, first_conf)
     zeros_B = takes.astype(jnp.int32)
     num_forwards = jnp.int32(1)
   state = _DiffusionState(
@@ -453,6 +450,13 @@ def _put_row_slices(array_BxL, start_B, values_BxT):
     return jax.lax.dynamic_update_slice_in_dim(array_BxL, values_BxT, start_B[0], axis=1)
   put = lambda row, values, start: jax.lax.dynamic_update_slice_in_dim(row, values, start, 0)
   return jax.vmap(put)(array_BxL, values_BxT, start_B)
+
+
+def _set_at(array_BxL, pos_B, where_B, value_B):
+  """``array[b, pos[b]] = value[b]`` for the rows in ``where_B``; the other rows unchanged."""
+  old_B = _row_slices(array_BxL, pos_B, 1)[:, 0]
+  new_B = jnp.where(where_B, value_B, old_B).astype(array_BxL.dtype)
+  return _put_row_slices(array_BxL, pos_B, new_B[:, None])
 
 
 def _window_status(state: _DiffusionState, knobs: _Knobs, W: int):
@@ -574,13 +578,11 @@ def _decode_fn(graphdef, statics: _Statics, params, state: _DiffusionState, knob
     takes = counts & (pos < knobs.limits)
     row_steps = state.row_steps + counts.astype(jnp.int32)
     pos_c = jnp.minimum(pos, state.tokens.shape[1] - 1)
-    column = lambda a: _row_slices(a, pos_c, 1)[:, 0]
-    put = lambda a, value, old: _put_row_slices(a, pos_c, jnp.where(takes, value, old)[:, None])
     start = jnp.where(commits, pos, state.start)
     return state.replace(
-        tokens=put(state.tokens, nxt, column(state.tokens)),
-        step_of=put(state.step_of, row_steps, column(state.step_of)),
-        conf_of=put(state.conf_of, nxt_conf, column(state.conf_of)),
+        tokens=_set_at(state.tokens, pos_c, takes, nxt),
+        step_of=_set_at(state.step_of, pos_c, takes, row_steps),
+        conf_of=_set_at(state.conf_of, pos_c, takes, nxt_conf),
         start=start, row_steps=row_steps, cache=state.cache.replace(lengths=start))
 
   def window_iteration(state):
