@@ -12,7 +12,9 @@ adapted model with ``generate`` and its AR base with ``generate_ar`` on the same
 and prints both answers with tokens/s, tokens per forward and forwards.
 
 With ``--model`` it prints the generated text, then tokens/s, tokens per forward and forwards. Gin binds any
-``DecodeConfig`` field; explicit flags override gin. ``--prompt`` may be repeated (one batch).
+``DecodeConfig`` field; explicit flags override gin. ``--prompt`` may be repeated (one batch;
+with ``--max_batch_size B`` the prompts stream through B device rows, a row that ends taking
+the next prompt).
 A progress bar (on a terminal) follows the generation: the device loop runs a few blocks per
 call and reports in between, so there is no host round trip per step.
 """
@@ -53,6 +55,9 @@ def parse_args(argv):
   p.add_argument("--gin_file", action="append", default=[], help="gin file; may be repeated")
   p.add_argument("--gin_param", action="append", default=[],
                  help="gin binding, e.g. 'DecodeConfig.threshold = 0.5'; may be repeated")
+  p.add_argument("--max_batch_size", type=int, default=None,
+                 help="decode at most this many prompts at a time; the others take the rows "
+                      "that end (default: every --prompt in one batch)")
   p.add_argument("--blocks_per_call", type=int, default=2,
                  help="blocks decoded per device call between progress updates")
   p.add_argument("--progress", default="auto", choices=("auto", "always", "never"),
@@ -142,11 +147,12 @@ def _run(args) -> int:
           top_p=config.top_p if config.temperature > 0 else 1.0, seed=config.seed,
           max_length=config.max_length, progress=bar.update if bar else None,
           tokens_per_call=args.blocks_per_call * config.block_size if bar else None,
-          attention_impl=args.attention_impl)
+          attention_impl=args.attention_impl, max_batch_size=args.max_batch_size)
     else:  # without a bar, one device call for the whole generation
       out = fdllm_jax.generate(model, prompts, config, progress=bar.update if bar else None,
                                blocks_per_call=args.blocks_per_call if bar else None,
-                               attention_impl=args.attention_impl)
+                               attention_impl=args.attention_impl,
+                               max_batch_size=args.max_batch_size)
   finally:
     if bar:
       bar.close()
@@ -187,10 +193,12 @@ def _run_demo(args) -> int:
   prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
   runs = {
       "Fast-dLLM v2": lambda: fdllm_jax.generate(adapted, prompts, config,
-                                                 attention_impl=args.attention_impl),
+                                                 attention_impl=args.attention_impl,
+                                                 max_batch_size=args.max_batch_size),
       "AR base": lambda: fdllm_jax.generate_ar(
           ar_base, prompts, max_new_tokens=config.max_new_tokens, stop_ids=config.stop_ids,
-          max_length=config.max_length, attention_impl=args.attention_impl),
+          max_length=config.max_length, attention_impl=args.attention_impl,
+          max_batch_size=args.max_batch_size),
   }
   outs = {}
   for name, run in runs.items():

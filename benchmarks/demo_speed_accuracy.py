@@ -12,8 +12,10 @@ process and on the same problems:
 
 for every batch size: accuracy (the ``\\boxed{}`` answer), generated tokens per second (wall
 clock, compilation excluded), tokens per forward and forwards. The problems are processed chunk
-by chunk (one chunk = one batch) and every method runs on a chunk before the next chunk starts,
-so a change of machine load hits all methods alike; the ratios are side by side.
+by chunk (one chunk = one batch, or with ``--stream_chunk N`` N prompts streamed through
+batch-size rows by both engines' ``max_batch_size``) and every method runs on a chunk before the
+next chunk starts, so a change of machine load hits all methods alike; the ratios are side by
+side.
 
 It also times single model forwards on the decoding cache: a 1-token AR step, an 8-token
 sub-block and a 32-token window, each inside one jitted loop (no dispatch per forward). Wall-
@@ -56,10 +58,17 @@ def parse_args(argv=None):
                   help="the reference's default 8; 1 decodes strictly left to right")
   p.add_argument("--max_new_tokens", type=int, default=128)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--stream_chunk", type=int, default=0,
+                 help="N > 0: chunks of N prompts, each decoded by both engines with "
+                      "max_batch_size = the batch size (an ended row takes the next prompt); "
+                      "0: chunks are fixed batches")
   p.add_argument("--out", default=os.path.join(here, "results", "demo_speed_accuracy.json"))
   p.add_argument("--plot", default=os.path.join(here, "results", "demo_speed_accuracy.png"))
   p.add_argument("--no_plot", action="store_true")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.stream_chunk < 0:
+    p.error(f"--stream_chunk must be >= 0; got {args.stream_chunk}")
+  return args
 
 
 def device_name() -> str:
@@ -126,14 +135,15 @@ def main(argv=None) -> dict:
   prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}])
              for p in problems]
 
-  def ar_method(batch):
-    return generate_ar(ar_model, batch, max_new_tokens=args.max_new_tokens, stop_ids=(stop_id,))
+  def ar_method(batch, rows=None):
+    return generate_ar(ar_model, batch, max_new_tokens=args.max_new_tokens, stop_ids=(stop_id,),
+                       max_batch_size=rows)
 
   def diffusion_method(threshold, dual):
     config = DecodeConfig(block_size=block, sub_block_size=args.sub_block_size,
                           threshold=threshold, max_new_tokens=args.max_new_tokens,
                           mask_id=tokenizer.mask_id, stop_ids=(stop_id,), use_dual_cache=dual)
-    return lambda batch: generate(adapted, batch, config)
+    return lambda batch, rows=None: generate(adapted, batch, config, max_batch_size=rows)
 
   methods = [("ar_base", None, None, ar_method)]
   for threshold in thresholds:
@@ -144,19 +154,21 @@ def main(argv=None) -> dict:
             "ar_model": os.path.relpath(args.ar), "adapted_model": os.path.relpath(args.adapted),
             "num_problems": len(problems), "split": "test", "seed": args.seed,
             "max_new_tokens": args.max_new_tokens, "block_size": block,
-            "sub_block_size": args.sub_block_size,
+            "sub_block_size": args.sub_block_size, "stream_chunk": args.stream_chunk,
             "params": adapted.config.num_params, "results": [], "forward_cost": []}
   for batch_size in batch_sizes:
-    chunks = [list(range(i, min(i + batch_size, len(prompts))))
-              for i in range(0, len(prompts), batch_size)]
+    chunk_size = args.stream_chunk or batch_size
+    rows = batch_size if args.stream_chunk else None  # None: each chunk is one batch
+    chunks = [list(range(i, min(i + chunk_size, len(prompts))))
+              for i in range(0, len(prompts), chunk_size)]
     totals = {m[:3]: {"tokens": 0, "seconds": 0.0, "forwards": 0, "row_forwards": 0,
                       "correct": 0, "finished": 0, "compile_seconds": 0.0} for m in methods}
     for _, _, _, run in methods:  # compile the shapes of the first chunk outside the timing
-      run([prompts[i] for i in chunks[0]])
+      run([prompts[i] for i in chunks[0]], rows)
     for chunk in chunks:
       batch = [prompts[i] for i in chunk]
       for name, threshold, dual, run in methods:
-        out = run(batch)
+        out = run(batch, rows)
         t = totals[(name, threshold, dual)]
         t["tokens"] += out.num_tokens
         t["seconds"] += out.seconds
@@ -170,8 +182,9 @@ def main(argv=None) -> dict:
     ar_tps = ar["tokens"] / ar["seconds"]
     for name, threshold, dual, _ in methods:
       t = totals[(name, threshold, dual)]
-      row = {"batch_size": batch_size, "model": name, "engine": "generate_ar" if
-             name == "ar_base" else "generate", "threshold": threshold, "dual_cache": dual,
+      row = {"batch_size": batch_size, "streamed": bool(args.stream_chunk), "model": name,
+             "engine": "generate_ar" if name == "ar_base" else "generate",
+             "threshold": threshold, "dual_cache": dual,
              "accuracy": t["correct"] / len(problems), "tokens": t["tokens"],
              "seconds": t["seconds"], "tokens_per_s": t["tokens"] / t["seconds"],
              "speedup_vs_ar": t["tokens"] / t["seconds"] / ar_tps,

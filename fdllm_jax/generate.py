@@ -761,12 +761,12 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
     state = decode(params, state, knobs, budget, stop_on_end)
     if blocks_per_call is None and not queue:
       break
-    start, active = jax.device_get((state.start, state.active))
+    # with prompts waiting, the arrays come along: a row has ended unless the budget ran out
+    start, active, arrays = jax.device_get((state.start, state.active,
+                                            fetch(state) if queue else ()))
     host_syncs += 1
     ended = [b for b, i in enumerate(prompt_of) if i is not None and not active[b]]
     if queue and ended:  # collect the ended rows, give them the next prompts
-      arrays = jax.device_get(fetch(state))
-      host_syncs += 1
       refill = np.zeros((batch,), bool)
       new_tokens = np.zeros((batch, total), np.int32)
       for b in ended:
@@ -833,13 +833,14 @@ def _cut(tokens_BxL, step_of_BxL, conf_of_BxL, prompt_lens, limits, stop_ids, ma
 
 @struct.dataclass
 class _ARState:
-  out: jax.Array  # int32[B, N]: column k = each row's k-th generated token
+  out: jax.Array  # int32[B, N]: column k = the row's k-th generated token
   cache: KVCache
   last: jax.Array  # int32[B]: each row's newest token (the next one to feed)
   pos: jax.Array  # int32[B]: its position
-  count: jax.Array  # int32 scalar: generated tokens per row so far (all rows step together)
+  count: jax.Array  # int32[B]: tokens each row generated so far
   active: jax.Array  # bool[B]
   finished: jax.Array  # bool[B]: stopped on a stop id
+  num_forwards: jax.Array  # int32 scalar: batch forwards, prefills included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -848,45 +849,84 @@ class _ARStatics:
   attention_impl: str | None
 
 
-def _ar_choose(model, hidden_BxD, knobs: _Knobs, count, statics: _ARStatics):
-  """Next token per row (no id excluded: an AR model has no MASK)."""
+def _ar_choose(model, hidden_BxD, knobs: _Knobs, count_B, prompt_ids_B, statics: _ARStatics):
+  """Next token per row (no id excluded: an AR model has no MASK). Sampling keys follow the
+  prompt and its own token count, so a row draws the same alone, in a batch or streamed."""
   logits = model.logits(hidden_BxD)
   if statics.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  keys_B = sampling.row_keys(knobs.seed, jnp.broadcast_to(count, hidden_BxD.shape[:1]))
+  keys_B = sampling.row_keys(knobs.seed, count_B, prompt_ids_B)
   return sampling.sample(logits, keys_B, temperature=knobs.temperature, top_p=knobs.top_p)[0]
 
 
-def _ar_prefill_fn(graphdef, statics: _ARStatics, prompt_pad: int, max_new: int, params,
-                   tokens_BxP, knobs: _Knobs) -> _ARState:
-  """Causal prefill of right-padded prompts; each row's first token from its last prompt
-  position (the padding after it is never visible to that row's queries)."""
-  model = nnx.merge(graphdef, params)
-  batch = tokens_BxP.shape[0]
-  cache = KVCache.init(model.config, batch, bucket(prompt_pad + max_new, 32), model.dtype)
+def _ar_prompt_forward(model, statics: _ARStatics, cache: KVCache, tokens_BxP, knobs: _Knobs,
+                       prompt_lens_B, prompt_ids_B):
+  """Causal forward of right-padded prompts into ``cache`` from slot 0; each row's first token
+  from its last prompt position (the padding after it is never visible to that row's queries).
+  Returns (first token int32[B], cache)."""
+  batch, prompt_pad = tokens_BxP.shape
   hidden, cache = model(tokens_BxP, mask=masks_lib.Causal(), cache=cache, write_start=0,
                         kv_lengths=jnp.full((batch,), prompt_pad, jnp.int32),
                         return_hidden=True, attention_impl=statics.attention_impl)
-  last_pos = knobs.prompt_lens - 1
-  hidden_last = jnp.take_along_axis(hidden, last_pos[:, None, None], axis=1)[:, 0]
-  first = _ar_choose(model, hidden_last, knobs, jnp.int32(0), statics)
-  stopped = _is_stop(first, knobs.stop_ids)
+  hidden_last = jnp.take_along_axis(hidden, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
+  first = _ar_choose(model, hidden_last, knobs, jnp.zeros((batch,), jnp.int32), prompt_ids_B,
+                     statics)
+  return first, cache
+
+
+def _ar_started(first_B, prompt_lens_B, knobs: _Knobs, limits_B):
+  """(active, finished) of rows whose first token is ``first_B``."""
+  stopped = _is_stop(first_B, knobs.stop_ids)
+  return ~stopped & (limits_B - prompt_lens_B > 1), stopped
+
+
+def _ar_prefill_fn(graphdef, statics: _ARStatics, cache_len: int, max_new: int, params,
+                   tokens_BxP, knobs: _Knobs) -> _ARState:
+  """The first forward: every row's prompt into a cache of ``cache_len`` slots."""
+  model = nnx.merge(graphdef, params)
+  batch = tokens_BxP.shape[0]
+  cache = KVCache.init(model.config, batch, cache_len, model.dtype)
+  first, cache = _ar_prompt_forward(model, statics, cache, tokens_BxP, knobs, knobs.prompt_lens,
+                                    knobs.prompt_ids)
+  active, finished = _ar_started(first, knobs.prompt_lens, knobs, knobs.limits)
   out = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first)
   return _ARState(out=out, cache=cache, last=first, pos=knobs.prompt_lens,
-                  count=jnp.int32(1), active=~stopped & (knobs.limits - knobs.prompt_lens > 1),
-                  finished=stopped)
+                  count=jnp.ones((batch,), jnp.int32), active=active, finished=finished,
+                  num_forwards=jnp.int32(1))
+
+
+def _ar_refill_fn(graphdef, statics: _ARStatics, params, state: _ARState, knobs: _Knobs, row,
+                  tokens_1xP) -> _ARState:
+  """Row ``row`` starts the prompt ``tokens_1xP`` (``knobs`` already describes it): one
+  forward of that row alone writes its prompt's K/V over the row's cache and gives its first
+  token; its stale slots past the prompt stay beyond its ``kv_lengths`` until overwritten."""
+  model = nnx.merge(graphdef, params)
+  take = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=0)
+  put = lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, row, axis=0)
+  prompt_len, limit = take(knobs.prompt_lens), take(knobs.limits)
+  first, row_cache = _ar_prompt_forward(model, statics, jax.tree.map(take, state.cache),
+                                        tokens_1xP, knobs, prompt_len, take(knobs.prompt_ids))
+  active, finished = _ar_started(first, prompt_len, knobs, limit)
+  out_row = jnp.zeros((1, state.out.shape[1]), jnp.int32).at[:, 0].set(first)
+  return state.replace(
+      out=put(state.out, out_row), cache=jax.tree.map(put, state.cache, row_cache),
+      last=put(state.last, first), pos=put(state.pos, prompt_len),
+      count=put(state.count, jnp.ones((1,), jnp.int32)), active=put(state.active, active),
+      finished=put(state.finished, finished), num_forwards=state.num_forwards + 1)
 
 
 def _ar_decode_fn(graphdef, statics: _ARStatics, params, state: _ARState, knobs: _Knobs,
-                  budget) -> _ARState:
-  """One token per row and forward until no row is active or ``budget`` steps were taken.
+                  budget, stop_on_end) -> _ARState:
+  """One token per active row and forward until no row is active, ``budget`` steps were
+  taken, or (``stop_on_end``) a row that was active ended, for the host to refill it.
 
-  All rows step together, so the k-th token of every row lands in column k of ``out``: one
-  update slice per step. Rows that ended keep computing (their outputs are cut on the host).
+  Row b's k-th token lands in column k of ``out`` (one update slice per step at batch 1). Rows
+  that ended keep computing (their outputs no longer change).
   """
   model = nnx.merge(graphdef, params)
   batch = state.out.shape[0]
   room = knobs.limits - knobs.prompt_lens  # tokens each row may generate
+  was_active = state.active
 
   def body(carry):
     state, taken = carry
@@ -895,17 +935,21 @@ def _ar_decode_fn(graphdef, statics: _ARStatics, params, state: _ARState, knobs:
                           write_start=write_start, kv_lengths=state.pos + 1,
                           positions_BxT=state.pos[:, None], return_hidden=True,
                           attention_impl=statics.attention_impl)
-    nxt = _ar_choose(model, hidden[:, 0], knobs, state.count, statics)
-    out = jax.lax.dynamic_update_slice_in_dim(state.out, nxt[:, None], state.count, axis=1)
-    stopped = state.active & _is_stop(nxt, knobs.stop_ids)
-    count = state.count + 1
-    return state.replace(out=out, cache=cache, last=nxt, pos=state.pos + 1, count=count,
-                         active=state.active & ~stopped & (count < room),
-                         finished=state.finished | stopped), taken + 1
+    nxt = _ar_choose(model, hidden[:, 0], knobs, state.count, knobs.prompt_ids, statics)
+    live = state.active
+    out = _set_at(state.out, state.count, live, nxt)
+    stopped = live & _is_stop(nxt, knobs.stop_ids)
+    count = state.count + live
+    return state.replace(out=out, cache=cache, last=jnp.where(live, nxt, state.last),
+                         pos=state.pos + live, count=count,
+                         active=live & ~stopped & (count < room),
+                         finished=state.finished | stopped,
+                         num_forwards=state.num_forwards + 1), taken + 1
 
   def cond(carry):
     state, taken = carry
-    return jnp.any(state.active) & (taken < budget)
+    ended = jnp.any(was_active & ~state.active)
+    return jnp.any(state.active) & (taken < budget) & ~(stop_on_end & ended)
 
   state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
   return state
@@ -915,13 +959,19 @@ def generate_ar(model, prompts, *, max_new_tokens: int, stop_ids=(151645,),
                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                 max_length: int | None = None, progress: Callable[[int, int], None] | None = None,
                 tokens_per_call: int | None = None,
-                attention_impl: str | None = None) -> GenerateOutput:
+                attention_impl: str | None = None,
+                max_batch_size: int | None = None) -> GenerateOutput:
   """Autoregressive KV-cache decoding (the baseline): one token per forward for every row.
 
   Ragged prompts are right-padded to a bucket (a multiple of 32); each row writes its K/V at
   its own position and attends to its own slots only. The whole decode is one device loop;
   ``progress(done, total)`` / ``tokens_per_call`` chunk it as in ``generate``.
-  ``step_of_token`` is the forward that produced each token (1 = the prefill).
+  ``step_of_token`` is the row's forward that produced each token (1 = its prompt's forward).
+
+  ``max_batch_size``: decode at most this many prompts at a time, as in ``generate``: when a
+  row ends, the host gives it the next prompt, whose prompt goes through one forward of that
+  row alone (counted in ``num_forwards``), and the device loop resumes. Each prompt gets the
+  tokens of one batch (its K/V from a one-row forward: the same values up to float rounding).
   """
   # The AR engine has no MASK; DecodeConfig validates the shared fields (any non-stop mask id).
   stops = _as_tuple(stop_ids)
@@ -935,57 +985,97 @@ def generate_ar(model, prompts, *, max_new_tokens: int, stop_ids=(151645,),
   max_length = config.max_length or model.config.max_position_embeddings
   limits = _limits(rows, config.max_new_tokens, max_length)
   prompt_lens = np.asarray([len(r) for r in rows], np.int32)
-  batch = len(rows)
-  prompt_pad = bucket(int(prompt_lens.max()), 32)
-  max_new = bucket(int((limits - prompt_lens).max()), 32)
-  tokens = np.zeros((batch, prompt_pad), np.int32)
-  for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
   if tokens_per_call is not None and (not _is_int(tokens_per_call) or tokens_per_call < 1):
     raise ValueError(f"tokens_per_call must be None or an integer >= 1; got {tokens_per_call!r}")
+  if max_batch_size is not None and (not _is_int(max_batch_size) or max_batch_size < 1):
+    raise ValueError(f"max_batch_size must be None or an integer >= 1; got {max_batch_size!r}")
   if progress is not None and tokens_per_call is None:
     tokens_per_call = 32
+  batch = len(rows) if max_batch_size is None else min(max_batch_size, len(rows))
+  prompt_pad = bucket(int(prompt_lens.max()), 32)  # every prompt, so refills share one shape
+  max_new = bucket(int((limits - prompt_lens).max()), 32)
+  cache_len = bucket(prompt_pad + max_new, 32)
+  queue = collections.deque(range(batch, len(rows)))  # prompts waiting for a row
+  prompt_of = list(range(batch))  # the prompt each row decodes (None: no more prompts)
 
+  def padded(i):
+    ids = np.zeros((prompt_pad,), np.int32)
+    ids[:len(rows[i])] = rows[i]
+    return ids
+
+  row_prompt_lens, row_limits = prompt_lens[:batch].copy(), limits[:batch].copy()
   statics = _ARStatics(config.temperature == 0.0, attention_impl)
   prepared = _prepare(model)
   graphdef, params = prepared.graphdef, prepared.params
-  knobs = _knobs(config, prompt_lens, limits, mask_id=-1)
-  tokens = jnp.asarray(tokens)
+  knobs = _knobs(config, row_prompt_lens, row_limits, mask_id=-1)
+  tokens = jnp.asarray(np.stack([padded(i) for i in prompt_of]))
   compile_seconds = 0.0
   prefill, seconds = _executable(
-      "ar_prefill", functools.partial(_ar_prefill_fn, graphdef, statics, prompt_pad, max_new),
-      (prepared.key, statics, prompt_pad, max_new), (params, tokens, knobs))
+      "ar_prefill", functools.partial(_ar_prefill_fn, graphdef, statics, cache_len, max_new),
+      (prepared.key, statics, cache_len, max_new), (params, tokens, knobs))
   compile_seconds += seconds
   state = prefill(params, tokens, knobs)
   budget = jnp.int32(tokens_per_call or _NO_BUDGET)
+  stop_on_end = np.asarray(bool(queue))
   decode, seconds = _executable(
       "ar_decode", functools.partial(_ar_decode_fn, graphdef, statics), (prepared.key, statics),
-      (params, state, knobs, budget), donate=(1,))
+      (params, state, knobs, budget, stop_on_end), donate=(1,))
   compile_seconds += seconds
+
+  results = [None] * len(rows)  # per prompt: (tokens, finished)
+  stop_set = set(config.stop_ids)
+
+  def row_result(out_BxN, count_B, b):
+    ids = out_BxN[b, :min(row_limits[b] - row_prompt_lens[b], count_B[b])].tolist()
+    end = next((i for i, t in enumerate(ids) if t in stop_set), len(ids))
+    return ids[:end], end < len(ids)
 
   host_syncs = 0
   room = limits - prompt_lens
   while True:
-    state = decode(params, state, knobs, budget)
-    if tokens_per_call is None:
+    state = decode(params, state, knobs, budget, stop_on_end)
+    if tokens_per_call is None and not queue:
       break
-    count, active = jax.device_get((state.count, state.active))
+    # with prompts waiting, the outputs come along: a row has ended unless the budget ran out
+    count, active, out = (np.array(x) for x in jax.device_get(
+        (state.count, state.active, state.out if queue else ())))
     host_syncs += 1
+    ended = [b for b, i in enumerate(prompt_of) if i is not None and not active[b]]
+    if queue and ended:  # collect the ended rows, give them the next prompts
+      for b in ended:
+        results[prompt_of[b]] = row_result(out, count, b)
+        prompt_of[b] = queue.popleft() if queue else None
+        if prompt_of[b] is not None:
+          row_prompt_lens[b], row_limits[b] = prompt_lens[prompt_of[b]], limits[prompt_of[b]]
+      knobs = _knobs(config, row_prompt_lens, row_limits, mask_id=-1,
+                     prompt_ids=[-1 if i is None else i for i in prompt_of])
+      stop_on_end = np.asarray(bool(queue))
+      for b in ended:
+        if prompt_of[b] is None:
+          continue
+        refill, seconds = _executable(
+            "ar_refill", functools.partial(_ar_refill_fn, graphdef, statics),
+            (prepared.key, statics), (params, state, knobs, np.int32(b),
+                                      padded(prompt_of[b])[None]), donate=(1,))
+        compile_seconds += seconds
+        state = refill(params, state, knobs, np.int32(b), padded(prompt_of[b])[None])
+        active[b], count[b] = True, 0  # a prompt that ends at once is collected next round
     if progress is not None:
-      progress(int(np.where(active, np.minimum(count, room), room).sum()), int(room.sum()))
+      done = sum(room[i] for i, r in enumerate(results) if r is not None)
+      for b, i in enumerate(prompt_of):
+        if i is not None and results[i] is None:
+          done += min(count[b], room[i]) if active[b] else room[i]
+      progress(int(done), int(room.sum()))
     if not active.any():
       break
-  out, count = jax.device_get((state.out, state.count))
+  out, count, num_forwards = jax.device_get((state.out, state.count, state.num_forwards))
   host_syncs += 1
-  stop_set = set(config.stop_ids)
-  out_tokens, finished = [], []
-  for row, n in zip(out, np.minimum(room, count)):
-    ids = row[:n].tolist()
-    end = next((i for i, t in enumerate(ids) if t in stop_set), len(ids))
-    out_tokens.append(ids[:end])
-    finished.append(end < len(ids))
+  for b, i in enumerate(prompt_of):
+    if i is not None and results[i] is None:
+      results[i] = row_result(out, count, b)
+  out_tokens, finished = (list(x) for x in zip(*results))
   return GenerateOutput(
-      tokens=out_tokens, finished=finished, num_forwards=int(count),
+      tokens=out_tokens, finished=finished, num_forwards=int(num_forwards),
       step_of_token=[list(range(1, len(t) + 1)) for t in out_tokens],
       seconds=time.perf_counter() - wall_start - compile_seconds,
       compile_seconds=compile_seconds, host_syncs=host_syncs)

@@ -68,6 +68,21 @@ def test_ar_and_dual_cache_and_batch(model_dir, capsys):
   assert STATS.search(out).group(1) == "threshold 1.0, DualCache"
 
 
+
+@pytest.mark.parametrize("engine", [[], ["--ar"]])
+def test_max_batch_size_streams_the_prompts(model_dir, capsys, engine):
+  prompts = ["--prompt", "one", "--prompt", "two three four five", "--prompt", "six"]
+  common = ["--model", model_dir, *prompts, *engine, "--max_new_tokens", "10",
+            "--progress", "always"]
+  code, batch, err = _run(capsys, *common)
+  assert code == 0, err
+  code, streamed, err = _run(capsys, *common, "--max_batch_size", "1")
+  assert code == 0, err
+  text = lambda out: out[:out.rindex("\n[")]  # the three rows, without the timing line
+  assert "--- [2]" in streamed and text(streamed) == text(batch)
+  code, _, err = _run(capsys, *common, "--max_batch_size", "0")
+  assert code == 2 and "max_batch_size must be None or an integer >= 1; got 0" in err, err
+
 @pytest.mark.parametrize("argv,message", [
     (["--threshold", "1.5"], r"threshold must be in \(0, 1\]; got 1.5"),
     (["--gin_param", "DecodeConfig.no_such_field = 1"], "bad gin configuration"),

@@ -48,3 +48,20 @@ def test_report_matches_direct_decoding(tmp_path):
   assert row["accuracy"] == pytest.approx(correct / 3)
   assert row["tokens_per_row_forward"] <= 1.0
   assert len(report["forward_cost"]) == 1 and report["forward_cost"][0]["batch_size"] == 2
+
+
+def test_stream_chunk_streams_both_engines_with_the_same_tokens(tmp_path):
+  # 5 problems through 2 rows in one chunk against fixed batches of 2: the same tokens and
+  # accuracy per method, fewer batch forwards (no row waits for its batch's slowest row).
+  argv = ["--num_problems", "5", "--batch_sizes", "2", "--thresholds", "0.9", "--no_plot"]
+  fixed = demo_speed_accuracy.main([*argv, "--out", str(tmp_path / "fixed.json")])
+  streamed = demo_speed_accuracy.main([*argv, "--stream_chunk", "5",
+                                       "--out", str(tmp_path / "streamed.json")])
+  assert streamed["stream_chunk"] == 5 and fixed["stream_chunk"] == 0
+  for a, b in zip(fixed["results"], streamed["results"], strict=True):
+    assert (a["model"], a["dual_cache"], a["streamed"], b["streamed"]) == (
+        b["model"], b["dual_cache"], False, True)
+    assert (a["tokens"], a["accuracy"]) == (b["tokens"], b["accuracy"])
+    assert b["forwards"] <= a["forwards"]
+  with pytest.raises(SystemExit):
+    demo_speed_accuracy.parse_args(["--stream_chunk", "-1"])

@@ -291,3 +291,22 @@ def test_end_to_end_tiny_random_model(tiny_qwen_vocab_model, tmp_path, task, ext
   if len(overview["runs"]) > 1:
     assert (out / "sweep.png").exists()
   assert time.perf_counter() - start < 60
+
+
+@pytest.mark.skipif(not _has_decoding(), reason="fdllm_jax.generate / generate_ar / "
+                    "DecodeConfig are not available yet (decoding issue)")
+def test_max_batch_size_streams_each_call_with_the_same_outputs(tiny_qwen_vocab_model, tmp_path):
+  # 3 prompts per call through 2 device rows: every sample's output as in one batch of 3.
+  common = ["--model", tiny_qwen_vocab_model, "--task", "gsm8k", "--limit", "3",
+            "--max_new_tokens", "24", "--no_progress", "--no_warmup", "--threshold", "0.9",
+            "--ar", "--batch_size", "3"]
+  assert harness.main([*common, "--out", str(tmp_path / "batch")]) == 0
+  assert harness.main([*common, "--max_batch_size", "2", "--out", str(tmp_path / "rows")]) == 0
+  for run in ("threshold_0.9", "ar"):
+    batch = _read_jsonl(tmp_path / "batch" / run / "samples.jsonl")
+    rows = _read_jsonl(tmp_path / "rows" / run / "samples.jsonl")
+    assert [s["output"] for s in rows] == [s["output"] for s in batch]
+    summary = json.loads((tmp_path / "rows" / run / "summary.json").read_text())
+    assert summary["config"]["max_batch_size"] == 2
+  with pytest.raises(SystemExit):
+    harness.parse_args([*common, "--out", "x", "--max_batch_size", "0"])

@@ -538,6 +538,49 @@ def test_generate_ar_sampling_reproducible(plain_model):
   assert a.tokens == b.tokens and a.tokens[0] != a.tokens[1]
 
 
+
+def test_generate_ar_max_batch_size_streams_prompts_through_the_rows(plain_model):
+  # 7 ragged prompts through 3 rows: an ended row takes the next prompt (a one-row forward of
+  # its prompt) while the others go on. Every prompt's result is that of one batch.
+  prompts = [_prompt(n, seed=5) for n in (5, 70, 32, 1, 45, 9, 64)]
+  free = fdllm_jax.generate_ar(plain_model, prompts, max_new_tokens=30, stop_ids=())
+  stop = free.tokens[1][9]
+  kwargs = dict(max_new_tokens=30, stop_ids=(stop,))
+  one_batch = fdllm_jax.generate_ar(plain_model, prompts, **kwargs)
+  assert any(one_batch.finished) and not all(one_batch.finished)
+  reports = []
+  streamed = fdllm_jax.generate_ar(plain_model, prompts, max_batch_size=3, **kwargs,
+                                   progress=lambda done, total: reports.append((done, total)))
+  assert streamed.tokens == one_batch.tokens
+  assert streamed.finished == one_batch.finished
+  assert streamed.step_of_token == one_batch.step_of_token
+  assert reports[-1] == (210, 210)  # 7 prompts x 30 tokens
+  assert [d for d, _ in reports] == sorted(d for d, _ in reports)
+  # Three rows take more forwards than seven, fewer than the prompts one after the other.
+  alone = sum(fdllm_jax.generate_ar(plain_model, [p], **kwargs).num_forwards for p in prompts)
+  assert one_batch.num_forwards < streamed.num_forwards < alone
+  # One row: each prompt's forwards as alone (the refill forward is its prompt's forward).
+  assert fdllm_jax.generate_ar(plain_model, prompts, max_batch_size=1, **kwargs).num_forwards \
+      == alone
+  whole = fdllm_jax.generate_ar(plain_model, prompts, max_batch_size=7, **kwargs)
+  assert whole.tokens == one_batch.tokens and whole.host_syncs == 1
+  with pytest.raises(ValueError, match="max_batch_size must be None or an integer >= 1; got 0"):
+    fdllm_jax.generate_ar(plain_model, prompts, max_batch_size=0, **kwargs)
+
+
+def test_generate_ar_max_batch_size_keeps_each_prompts_samples(plain_model):
+  # Keys follow the prompt and its own token count, not the row: streamed rows draw what one
+  # batch draws, and identical prompts 0 and 1 still draw different tokens.
+  prompts = [_prompt(n, seed=12) for n in (6, 6, 37, 3, 40)]
+  prompts[1] = list(prompts[0])
+  kwargs = dict(max_new_tokens=20, stop_ids=(), temperature=1.0, top_p=0.9, seed=3)
+  one_batch = fdllm_jax.generate_ar(plain_model, prompts, **kwargs)
+  streamed = fdllm_jax.generate_ar(plain_model, prompts, max_batch_size=2, **kwargs)
+  assert streamed.tokens == one_batch.tokens
+  assert streamed.tokens[0] != streamed.tokens[1]
+  alone = fdllm_jax.generate_ar(plain_model, [prompts[2]], **kwargs)
+  assert alone.tokens[0] != one_batch.tokens[2]  # a row's keys are its prompt's index
+
 # ------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("overrides,match", [

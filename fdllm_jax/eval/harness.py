@@ -215,7 +215,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--block_size", type=_positive, default=32)
   parser.add_argument("--sub_block_size", type=_positive, default=8)
   parser.add_argument("--dual_cache", action="store_true", help="sub-block DualCache")
-  parser.add_argument("--batch_size", type=_positive, default=1)
+  parser.add_argument("--batch_size", type=_positive, default=1,
+                      help="prompts per generate call (one batch, or see --max_batch_size)")
+  parser.add_argument("--max_batch_size", type=_positive,
+                      help="device rows per call: with --batch_size above it, the call's "
+                           "prompts stream through this many rows (an ended row takes the next "
+                           "prompt) instead of waiting for the slowest row of one batch")
   parser.add_argument("--max_new_tokens", type=_positive, default=2048)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--seed", type=int, default=0)
@@ -268,13 +273,15 @@ def make_generate_fn(model, tokenizer, plan: RunPlan,
   """(generate_fn, configuration to record) of one run."""
   fdllm_jax = _decoding_api()
   stop_ids = tuple(int(s) for s in tokenizer.stop_ids)
+  max_batch_size = getattr(args, "max_batch_size", None)
   if plan.kind == "ar":
     config = {"kind": "ar", "max_new_tokens": args.max_new_tokens, "stop_ids": stop_ids,
-              "temperature": 0.0, "seed": args.seed}
+              "temperature": 0.0, "seed": args.seed, "max_batch_size": max_batch_size}
 
     def generate_ar(prompts):
       return fdllm_jax.generate_ar(model, prompts, max_new_tokens=args.max_new_tokens,
-                                   stop_ids=stop_ids, temperature=0.0, seed=args.seed)
+                                   stop_ids=stop_ids, temperature=0.0, seed=args.seed,
+                                   max_batch_size=max_batch_size)
     return generate_ar, config
   decode_config = fdllm_jax.DecodeConfig(
       block_size=args.block_size, sub_block_size=args.sub_block_size, threshold=plan.threshold,
@@ -282,8 +289,9 @@ def make_generate_fn(model, tokenizer, plan: RunPlan,
       stop_ids=stop_ids, use_dual_cache=args.dual_cache, seed=args.seed)
 
   def generate(prompts):
-    return fdllm_jax.generate(model, prompts, decode_config)
-  config = {"kind": "dllm", **{k: v for k, v in dataclasses.asdict(decode_config).items()}}
+    return fdllm_jax.generate(model, prompts, decode_config, max_batch_size=max_batch_size)
+  config = {"kind": "dllm", **dataclasses.asdict(decode_config),
+            "max_batch_size": max_batch_size}
   return generate, config
 
 
