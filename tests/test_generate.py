@@ -559,6 +559,8 @@ def test_generate_ar_max_batch_size_streams_prompts_through_the_rows(plain_model
   # Three rows take more forwards than seven, fewer than the prompts one after the other.
   alone = sum(fdllm_jax.generate_ar(plain_model, [p], **kwargs).num_forwards for p in prompts)
   assert one_batch.num_forwards < streamed.num_forwards < alone
+  again = fdllm_jax.generate_ar(plain_model, prompts[::-1], max_batch_size=3, **kwargs)
+  assert again.compile_seconds == 0.0  # refills of any row share one executable
   # One row: each prompt's forwards as alone (the refill forward is its prompt's forward).
   assert fdllm_jax.generate_ar(plain_model, prompts, max_batch_size=1, **kwargs).num_forwards \
       == alone
