@@ -44,7 +44,9 @@ the host collects it and gives the row the next prompt, whose prompt blocks then
 the row's window (``_refill_fn``); the device loop returns whenever a row ends.
 
 ``generate_ar`` is causal KV-cache decoding in the same style (1-token steps, per-row write
-positions for ragged prompts, one loop on the device).
+positions for ragged prompts, one loop on the device); its ``max_batch_size`` streams prompts
+through the rows too, a refilled row's prompt going through one forward of that row alone
+(``_ar_refill_fn``).
 """
 
 from __future__ import annotations
