@@ -32,6 +32,7 @@ def test_unknown_size_fails_before_any_work(tmp_path):
   assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow  # ~70 s on 2 cores (the recipe at a few steps); run before a GPU session
 def test_smoke_run_trains_exports_and_summarises(tmp_path):
   work, out = tmp_path / "work", tmp_path / "out"
   bundled_mtime = os.stat(_BUNDLED).st_mtime_ns if os.path.isfile(_BUNDLED) else None

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # ~40 s on 2 cores (Pallas interpreter); run before a GPU session
 def test_cpu_smoke_run_reports_every_section(tmp_path):
   out_file = tmp_path / "bench.jsonl"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
