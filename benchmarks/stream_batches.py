@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
     num_tokens = sum(len(t) for t in fixed["tokens"])
     differing = sum(a != b for a, b in zip(stream["tokens"], fixed["tokens"]))
     row = {"round": index, "engine": args.engine, "batch_size": args.batch_size,
-           "num_problems": len(prompts), "threshold": args.threshold,
+           "num_problems": len(prompts),
+           "threshold": args.threshold if args.engine == "dllm" else None,
            "dual_cache": args.dual_cache, "tokens": num_tokens, "differing_prompts": differing}
     for name, result in (("fixed", fixed), ("streamed", stream)):
       row.update({f"{name}_forwards": result["forwards"],
