@@ -11,10 +11,21 @@ adapted model with ``generate`` and its AR base with ``generate_ar`` on the same
 (a held-out problem unless ``--prompt`` is given), each timed after a compiling warm-up call,
 and prints both answers with tokens/s, tokens per forward and forwards.
 
-With ``--model`` it prints the generated text, then tokens/s, tokens per forward and forwards. Gin binds any
-``DecodeConfig`` field; explicit flags override gin. ``--prompt`` may be repeated (one batch;
-with ``--max_batch_size B`` the prompts stream through B device rows, a row that ends taking
-the next prompt).
+With ``--model`` it prints the generated text, then tokens/s, tokens per forward and forwards.
+Gin binds any ``DecodeConfig`` field; explicit flags override gin. ``--prompt`` may be repeated
+(one batch; with ``--max_batch_size B`` the prompts stream through B device rows, a row that
+ends taking the next prompt).
+
+Many prompts come from a file and go to one (either mode):
+
+    python decode.py --model DIR --chat --prompts_file prompts.txt --output results.jsonl \
+        --max_batch_size 8
+
+``--prompts_file``: a ``.jsonl`` file of ``{"prompt": text}`` objects (``--chat`` wraps the text
+as in ``--prompt``) or ``{"messages": [{"role": ..., "content": ...}, ...]}`` objects (always
+rendered with the chat template), or any other file as plain text, one prompt per non-blank
+line. ``--output``: one JSON line per prompt, in the file's order, instead of printing the
+texts (``read_prompts_file``, ``result_rows``).
 A progress bar (on a terminal) follows the generation: the device loop runs a few blocks per
 call and reports in between, so there is no host round trip per step.
 """
@@ -23,8 +34,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
+from typing import Sequence, Union
+
+# A prompt as given: text, or chat messages (a jsonl ``"messages"`` entry).
+PromptEntry = Union[str, list]
 
 
 def parse_args(argv):
@@ -34,6 +50,11 @@ def parse_args(argv):
   p.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default: --model)")
   p.add_argument("--prompt", action="append", default=None,
                  help="the prompt text; repeat for a batch (required with --model)")
+  p.add_argument("--prompts_file", default=None,
+                 help="prompts from a file: .jsonl lines {\"prompt\": text} or {\"messages\": "
+                      "[...]}, otherwise one prompt per non-blank line")
+  p.add_argument("--output", default=None,
+                 help="write one JSON line per prompt here instead of printing the texts")
   p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   p.add_argument("--system", default=None, help="system message for --chat")
   p.add_argument("--threshold", type=float, default=None)
@@ -110,6 +131,90 @@ def decode_config(args, tokenizer):
   return dataclasses.replace(config, **overrides)
 
 
+def read_prompts_file(path: str) -> list[PromptEntry]:
+  """The prompts of ``--prompts_file``, in the file's order.
+
+  A ``.jsonl`` file holds one JSON object per non-blank line, either ``{"prompt": text}`` or
+  ``{"messages": [{"role": str, "content": str}, ...]}`` (other keys are ignored); any other
+  file is plain text, one prompt per non-blank line (a prompt with line breaks needs jsonl).
+  Errors name the file and the line.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--prompts_file {path!r} does not exist")
+  with open(path, encoding="utf-8") as f:
+    lines = [(number, line.rstrip("\r\n")) for number, line in enumerate(f, 1)]
+  lines = [(number, line) for number, line in lines if line.strip()]
+  if path.endswith(".jsonl"):
+    entries = [_jsonl_prompt(path, number, line) for number, line in lines]
+  else:
+    entries = [line for _, line in lines]
+  if not entries:
+    raise ValueError(f"--prompts_file {path!r} holds no prompt (only blank lines)")
+  return entries
+
+
+def _jsonl_prompt(path: str, number: int, line: str) -> PromptEntry:
+  where = f"{path} line {number}"
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where} is not JSON ({e})") from None
+  if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
+    raise ValueError(f"{where} must be an object with one of the keys 'prompt' (text) or "
+                     f"'messages' (chat messages); got {line[:200]!r}")
+  if "prompt" in obj:
+    if not isinstance(obj["prompt"], str):
+      raise ValueError(f"{where}: 'prompt' must be a string; got {obj['prompt']!r}")
+    return obj["prompt"]
+  messages = obj["messages"]
+  if not isinstance(messages, list) or not messages or not all(
+      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+      for m in messages):
+    raise ValueError(f"{where}: 'messages' must be a non-empty list of objects with string "
+                     f"'role' and 'content'; got {messages!r}")
+  return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def prompt_entries(args) -> list[PromptEntry] | None:
+  """The prompts of ``--prompt`` or ``--prompts_file`` (not both); None when neither is given."""
+  if args.prompt and args.prompts_file:
+    raise ValueError("give --prompt or --prompts_file, not both")
+  if args.prompts_file:
+    return read_prompts_file(args.prompts_file)
+  return args.prompt
+
+
+def result_rows(entries: Sequence[PromptEntry], out, tokenizer, **extra_columns) -> list[dict]:
+  """One dict per prompt for ``--output``: the prompt as given, the generated text, its token
+  count, whether it stopped on a stop id (False: the token limit), and the row's own forward
+  count when its last token was fixed; ``extra_columns`` maps a name to a function of the
+  decoded text (e.g. the demo's boxed answer)."""
+  rows = []
+  for index, (entry, tokens, steps) in enumerate(zip(entries, out.tokens, out.step_of_token)):
+    text = tokenizer.decode(tokens)
+    row = {"index": index, "prompt": entry, "text": text, "num_tokens": len(tokens),
+           "finished": bool(out.finished[index]), "forwards": int(steps[-1]) if steps else 0}
+    row.update({name: column(text) for name, column in extra_columns.items()})
+    rows.append(row)
+  return rows
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+  """Writes ``rows`` as JSON lines, through a temporary file so a crash leaves no half file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  os.replace(path + ".tmp", path)
+
+
+def _check_output_flags(args) -> None:
+  if args.output and args.show_steps:
+    raise ValueError("--show_steps colours the printed texts and --output writes them to a file "
+                     "instead: give one of them")
+
+
 def _resolve_dtype(name: str) -> str:
   import jax
   if name == "auto":
@@ -119,22 +224,27 @@ def _resolve_dtype(name: str) -> str:
 
 def _run(args) -> int:
   import fdllm_jax
-  from fdllm_jax import viz
 
+  _check_output_flags(args)
+  entries = prompt_entries(args)
   if args.model is None:
-    return _run_demo(args)
-  if not args.prompt:
-    raise ValueError("--prompt is required with --model (without --model the bundled demo runs)")
+    return _run_demo(args, entries)
+  if not entries:
+    raise ValueError("--prompt or --prompts_file is required with --model (without --model the "
+                     "bundled demo runs)")
   tokenizer = fdllm_jax.load_tokenizer(args.tokenizer or args.model)
   config = decode_config(args, tokenizer)
   model = fdllm_jax.load_model(args.model, dtype=_resolve_dtype(args.dtype))
-  if args.chat:
-    def encode(text):
-      messages = ([{"role": "system", "content": args.system}] if args.system else [])
-      return tokenizer.apply_chat_template(messages + [{"role": "user", "content": text}])
-  else:
-    encode = tokenizer.encode
-  prompts = [encode(text) for text in args.prompt]
+  system = [{"role": "system", "content": args.system}] if args.system else []
+
+  def encode(entry: PromptEntry) -> list[int]:
+    if isinstance(entry, list):  # chat messages from a jsonl file, rendered as given
+      return tokenizer.apply_chat_template(entry)
+    if args.chat:
+      return tokenizer.apply_chat_template(system + [{"role": "user", "content": entry}])
+    return tokenizer.encode(entry)
+
+  prompts = [encode(entry) for entry in entries]
   if args.blocks_per_call < 1:
     raise ValueError(f"--blocks_per_call must be >= 1; got {args.blocks_per_call}")
 
@@ -157,13 +267,11 @@ def _run(args) -> int:
     if bar:
       bar.close()
 
-  for row, (tokens, steps) in enumerate(zip(out.tokens, out.step_of_token)):
-    if len(prompts) > 1:
-      print(f"--- [{row}] {'(stopped)' if out.finished[row] else '(length limit)'}")
-    if args.show_steps:
-      print(viz.render_steps_ansi(tokenizer, tokens, steps))
-    else:
-      print(tokenizer.decode(tokens))
+  if args.output:
+    write_jsonl(args.output, result_rows(entries, out, tokenizer))
+    print(f"wrote {len(prompts)} results to {args.output}")
+  else:
+    _print_texts(args, tokenizer, out)
   mode = "AR" if args.ar else (f"threshold {config.threshold}"
                                + (", DualCache" if config.use_dual_cache else ""))
   print(f"[{mode}] {out.num_tokens} tokens in {out.seconds:.2f} s: "
@@ -172,10 +280,22 @@ def _run(args) -> int:
   return 0
 
 
-def _run_demo(args) -> int:
-  """The bundled demo: the adapted model and its AR base on the same chat prompts."""
+def _print_texts(args, tokenizer, out) -> None:
+  from fdllm_jax import viz
+  for row, (tokens, steps) in enumerate(zip(out.tokens, out.step_of_token)):
+    if len(out.tokens) > 1:
+      print(f"--- [{row}] {'(stopped)' if out.finished[row] else '(length limit)'}")
+    if args.show_steps:
+      print(viz.render_steps_ansi(tokenizer, tokens, steps))
+    else:
+      print(tokenizer.decode(tokens))
+
+
+def _run_demo(args, entries: list[PromptEntry] | None) -> int:
+  """The bundled demo: the adapted model and its AR base on the same chat prompts (each text
+  entry is a question; jsonl messages are rendered as given)."""
   import fdllm_jax
-  from fdllm_jax import demo, viz
+  from fdllm_jax import demo
   from fdllm_jax.demo import task
 
   for directory in (demo.FAST_DLLM_DIR, demo.AR_BASE_DIR):
@@ -189,8 +309,10 @@ def _run_demo(args) -> int:
   dtype = _resolve_dtype(args.dtype)
   adapted = fdllm_jax.load_model(demo.FAST_DLLM_DIR, dtype=dtype)
   ar_base = fdllm_jax.load_model(demo.AR_BASE_DIR, dtype=dtype)
-  questions = args.prompt or [demo.DEMO_QUESTION]
-  prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+  entries = entries or [demo.DEMO_QUESTION]
+  prompts = [tokenizer.apply_chat_template(
+      entry if isinstance(entry, list) else [{"role": "user", "content": entry}])
+      for entry in entries]
   runs = {
       "Fast-dLLM v2": lambda: fdllm_jax.generate(adapted, prompts, config,
                                                  attention_impl=args.attention_impl,
@@ -206,15 +328,17 @@ def _run_demo(args) -> int:
     outs[name] = run()
     outs[name].compile_seconds = compile_seconds
   mode = f"threshold {config.threshold}" + (", DualCache" if config.use_dual_cache else "")
-  for row, question in enumerate(questions):
-    print(f"Q: {question}")
-    for name, out in outs.items():
-      tokens, steps = out.tokens[row], out.step_of_token[row]
-      text = (viz.render_steps_ansi(tokenizer, tokens, steps)
-              if args.show_steps and name == "Fast-dLLM v2" else tokenizer.decode(tokens))
-      answer = task.extract_answer(tokenizer.decode(tokens))
-      print(f"\n[{name}] answer {answer}:\n{text}")
-    print()
+  if args.output:  # one line per prompt, each engine's result under its own key
+    per_engine = {key: result_rows(entries, outs[name], tokenizer, answer=task.extract_answer)
+                  for key, name in (("fast_dllm", "Fast-dLLM v2"), ("ar_base", "AR base"))}
+    lines = [{"index": index, "prompt": entry} for index, entry in enumerate(entries)]
+    for key, rows in per_engine.items():
+      for line, row in zip(lines, rows):
+        line[key] = {k: v for k, v in row.items() if k not in ("index", "prompt")}
+    write_jsonl(args.output, lines)
+    print(f"wrote {len(entries)} results to {args.output}")
+  else:
+    _print_demo_answers(args, tokenizer, entries, outs)
   for name, out in outs.items():
     label = f"{name} ({mode})" if name == "Fast-dLLM v2" else f"{name} (generate_ar)"
     print(f"{label:40s} {out.num_tokens:4d} tokens in {out.seconds * 1e3:7.1f} ms: "
@@ -224,6 +348,22 @@ def _run_demo(args) -> int:
   print(f"speed-up over AR: {diff.tokens_per_second / ar.tokens_per_second:.2f}x tokens/s, "
         f"{ar.num_forwards / diff.num_forwards:.2f}x fewer forwards", flush=True)
   return 0
+
+
+def _print_demo_answers(args, tokenizer, entries, outs) -> None:
+  from fdllm_jax import viz
+  from fdllm_jax.demo import task
+  for row, entry in enumerate(entries):
+    question = entry if isinstance(entry, str) else next(
+        (m["content"] for m in reversed(entry) if m["role"] == "user"), entry[-1]["content"])
+    print(f"Q: {question}")
+    for name, out in outs.items():
+      tokens, steps = out.tokens[row], out.step_of_token[row]
+      text = (viz.render_steps_ansi(tokenizer, tokens, steps)
+              if args.show_steps and name == "Fast-dLLM v2" else tokenizer.decode(tokens))
+      answer = task.extract_answer(tokenizer.decode(tokens))
+      print(f"\n[{name}] answer {answer}:\n{text}")
+    print()
 
 
 class _Bar:

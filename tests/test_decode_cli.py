@@ -1,5 +1,6 @@
 """decode.py on a tiny random model with the real Qwen2.5 tokenizer (MASK = 151665)."""
 
+import json
 import os
 import re
 import shutil
@@ -83,6 +84,77 @@ def test_max_batch_size_streams_the_prompts(model_dir, capsys, engine):
   code, _, err = _run(capsys, *common, "--max_batch_size", "0")
   assert code == 2 and "max_batch_size must be None or an integer >= 1; got 0" in err, err
 
+@pytest.mark.parametrize("engine", [[], ["--ar"]])
+def test_prompts_file_and_output_give_what_the_prompt_flags_give(model_dir, capsys, tmp_path,
+                                                                 engine):
+  texts = ["one", "two three four five", "six"]
+  common = ["--model", model_dir, *engine, "--max_new_tokens", "10", "--progress", "never"]
+  code, printed, err = _run(capsys, *common, *[a for t in texts for a in ("--prompt", t)])
+  assert code == 0, err
+  expected = [block.split("\n", 1)[1].rsplit("\n", 1)[0]  # each row's text as printed
+              for block in printed[:printed.rindex("\n[")].split("--- [")[1:]]
+
+  plain = tmp_path / "prompts.txt"
+  plain.write_text("one\n\ntwo three four five\r\nsix")  # blank lines skipped, CRLF stripped
+  output = tmp_path / "sub" / "results.jsonl"  # its folder is made
+  code, out, err = _run(capsys, *common, "--prompts_file", str(plain), "--output", str(output),
+                        "--max_batch_size", "2")
+  assert code == 0, err
+  assert f"wrote 3 results to {output}" in out and "--- [" not in out and STATS.search(out)
+  rows = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [row["index"] for row in rows] == [0, 1, 2]
+  assert [row["prompt"] for row in rows] == texts
+  assert [row["text"] for row in rows] == expected
+  for row in rows:
+    assert 0 < row["num_tokens"] <= 10 and isinstance(row["finished"], bool)
+    assert 1 <= row["forwards"] <= (row["num_tokens"] if engine else 10 + 1)
+
+  # jsonl: a "messages" entry is the chat template of its messages, a "prompt" entry follows --chat
+  chat = tmp_path / "chat.jsonl"
+  chat.write_text(json.dumps({"messages": [{"role": "user", "content": "six"}], "id": 7}) + "\n"
+                  + json.dumps({"prompt": "six"}) + "\n")
+  code, _, err = _run(capsys, *common, "--prompts_file", str(chat), "--output", str(output),
+                      "--chat")
+  assert code == 0, err
+  code, printed, err = _run(capsys, *common, "--prompt", "six", "--chat")
+  assert code == 0, err
+  by_chat = printed[:printed.rindex("\n[")]
+  rows = [json.loads(line) for line in output.read_text().splitlines()]
+  assert rows[0]["prompt"] == [{"role": "user", "content": "six"}] and rows[1]["prompt"] == "six"
+  assert rows[0]["text"] == rows[1]["text"] == by_chat
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "holds no prompt"),
+    ("{not json}\n", r"p.jsonl line 1 is not JSON"),
+    ('{"prompt": "a"}\n\n{"text": "b"}\n', r"p.jsonl line 3 must be an object with one of the "
+                                           r"keys 'prompt' \(text\) or 'messages'"),
+    ('{"prompt": "a", "messages": []}\n', "line 1 must be an object with one of the keys"),
+    ('["a"]\n', "line 1 must be an object"),
+    ('{"prompt": 3}\n', r"line 1: 'prompt' must be a string; got 3"),
+    ('{"messages": []}\n', "'messages' must be a non-empty list of objects"),
+    ('{"messages": [{"role": "user"}]}\n', "string 'role' and 'content'"),
+])
+def test_bad_prompts_files_name_the_line(tmp_path, content, message):
+  path = tmp_path / "p.jsonl"
+  path.write_text(content)
+  with pytest.raises(ValueError, match=message):
+    decode.read_prompts_file(str(path))
+
+
+def test_prompts_file_flag_errors(model_dir, capsys, tmp_path):
+  path = tmp_path / "p.txt"
+  path.write_text("x\n")
+  for argv, message in [
+      (["--prompts_file", str(tmp_path / "missing.txt")], "does not exist"),
+      (["--prompts_file", str(path), "--prompt", "y"], "give --prompt or --prompts_file"),
+      (["--prompts_file", str(path), "--output", str(tmp_path / "o.jsonl"), "--show_steps"],
+       "give one of them")]:
+    code, _, err = _run(capsys, "--model", model_dir, *argv)
+    assert code == 2 and message in err, err
+  assert not (tmp_path / "o.jsonl").exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--threshold", "1.5"], r"threshold must be in \(0, 1\]; got 1.5"),
     (["--gin_param", "DecodeConfig.no_such_field = 1"], "bad gin configuration"),
@@ -95,7 +167,7 @@ def test_errors_are_readable(model_dir, capsys, argv, message):
 
 def test_model_without_prompt_is_an_error(model_dir, capsys):
   code, _, err = _run(capsys, "--model", model_dir)
-  assert code == 2 and "--prompt is required with --model" in err, err
+  assert code == 2 and "--prompt or --prompts_file is required with --model" in err, err
 
 
 def test_demo_mode_names_the_missing_bundle(monkeypatch, tmp_path, capsys):

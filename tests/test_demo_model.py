@@ -103,3 +103,29 @@ def test_decode_cli_default_runs_both_demo_models(capsys):
   # the AR engine spends one forward per token, the stop token's included
   assert re.search(r"AR base \(generate_ar\) .* 0\.9\d tokens/forward", out), out
   assert "speed-up over AR:" in out
+
+
+def test_decode_cli_demo_reads_a_prompts_file_and_writes_both_engines(capsys, tmp_path):
+  """The demo mode with --prompts_file / --output: one JSON line per question, both engines."""
+  import json
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import decode
+
+  prompts = tmp_path / "questions.jsonl"
+  chat = [{"role": "user", "content": demo.DEMO_QUESTION}]
+  prompts.write_text(json.dumps({"prompt": demo.DEMO_QUESTION}) + "\n"
+                     + json.dumps({"messages": chat}) + "\n")
+  output = tmp_path / "answers.jsonl"
+  assert decode.main(["--prompts_file", str(prompts), "--output", str(output)]) == 0
+  out = capsys.readouterr().out
+  assert "wrote 2 results" in out and "Q:" not in out and "speed-up over AR:" in out, out
+  rows = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [row["prompt"] for row in rows] == [demo.DEMO_QUESTION, chat]
+  for row in rows:
+    for engine in ("fast_dllm", "ar_base"):
+      result = row[engine]
+      assert result["answer"] == demo.DEMO_ANSWER and result["finished"], result
+      assert f"\\boxed{{{demo.DEMO_ANSWER}}}" in result["text"]
+  # the same question decodes to the same text either way it was given
+  assert rows[0]["fast_dllm"] == rows[1]["fast_dllm"] and rows[0]["ar_base"] == rows[1]["ar_base"]
