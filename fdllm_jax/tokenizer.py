@@ -6,6 +6,7 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import sys
 import tempfile
 from typing import Sequence
 
@@ -58,12 +59,31 @@ class Tokenizer:
     return self.encode(self.render_chat(messages, add_generation_prompt))
 
 
+def _import_transformers_quietly() -> None:
+  """Imports transformers, on its first import without the advisory that PyTorch is missing.
+
+  fdllm_jax uses transformers for its tokenizers only, which need no PyTorch; without this the
+  advisory is the first line ``python decode.py`` prints on a machine without PyTorch. The
+  switch is transformers' own and is set only while it is imported (a value the caller set is
+  left alone); later advisories show as usual.
+  """
+  flag = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+  if "transformers" in sys.modules or flag in os.environ:
+    return
+  os.environ[flag] = "1"
+  try:
+    import transformers  # noqa: F401
+  finally:
+    os.environ.pop(flag, None)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
   """Loads the tokenizer of a checkpoint directory (or hub id) and makes sure MASK exists.
 
   ``|<MASK>|`` is added as a special token when missing: on the Qwen2.5 vocabulary it gets id
   151665, the id Fast-dLLM v2 was trained with.
   """
+  _import_transformers_quietly()
   from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy import, kept local
   from transformers.utils import logging as hf_logging
 

@@ -98,3 +98,30 @@ def test_tokenizer_json_splitting_survives_the_model_config(tmp_path, config):
   assert tok.encode(text) == reference.encode(text).ids
   assert "\u01205" in [tok.hf.convert_ids_to_tokens(i) for i in tok.encode(text)]  # " 5" whole
   assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("user_flag", [None, "1"])
+def test_loading_without_pytorch_prints_no_pytorch_advisory(user_flag):
+  """transformers' "PyTorch was not found" note is not shown on load_tokenizer's first import
+  (it would open decode.py's output on a machine without PyTorch); a value of its switch that
+  the user set stays, and the switch is not left set."""
+  import subprocess
+  import sys
+  script = (
+      "import os, sys\n"
+      "sys.modules['torch'] = None  # as on a machine without PyTorch\n"
+      "import fdllm_jax\n"
+      f"fdllm_jax.load_tokenizer({tokenizer_lib.qwen25_tokenizer_dir()!r})\n"
+      "print('flag', repr(os.environ.get('TRANSFORMERS_NO_ADVISORY_WARNINGS')))\n"
+      "import transformers.utils.logging as l\n"
+      "l.get_logger('probe').warning_advice('a later advisory')\n")
+  env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+  if user_flag is not None:
+    env["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = user_flag
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert "PyTorch was not found" not in done.stderr + done.stdout, done.stderr
+  assert f"flag {user_flag!r}" in done.stdout
+  # only the import was quieted, unless the user silenced advisories
+  assert ("a later advisory" in done.stderr) == (user_flag is None), done.stderr
