@@ -334,6 +334,33 @@ def test_learning_rate_schedule():
   assert float(constant(50)) == pytest.approx(2e-5, rel=1e-6)
 
 
+def test_progress_off_a_terminal_is_log_lines(tmp_path, monkeypatch, caplog, capsys):
+  """In a log file (stderr not a terminal) process 0 logs every log_every steps and the last
+  one instead of redrawing a bar; a terminal or a notebook gets the bar."""
+  monkeypatch.setattr(trainer_lib, "_interactive", lambda: False)
+  with caplog.at_level("INFO", logger=trainer_lib.__name__):
+    losses = _run_losses(_tiny_config(num_steps=4, progress_bar=True, log_every=3), tmp_path)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+  assert [line.split(":")[0] for line in lines] == ["step 3/4", "step 4/4"], lines
+  assert f"loss {losses[-1]:.4f}, lr " in lines[-1] and " s/step, " in lines[-1], lines
+  assert "train:" not in capsys.readouterr().err  # no tqdm redraws
+
+  class Stream:
+    def __init__(self, tty):
+      self.tty = tty
+
+    def isatty(self):
+      return self.tty
+
+  monkeypatch.undo()
+  monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+  for tty in (True, False):
+    monkeypatch.setattr(sys, "stderr", Stream(tty))
+    assert trainer_lib._interactive() is tty
+  monkeypatch.setitem(sys.modules, "ipykernel", object())  # a notebook: tqdm.auto's widget
+  assert trainer_lib._interactive()
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("seq_len", 36, "multiple of the block size"),
     ("objective", "mdlm", "objective='mdlm' is unknown"),
@@ -347,6 +374,8 @@ def test_learning_rate_schedule():
     ("ar_loss_weight", -0.5, "ar_loss_weight must be a finite number >= 0; got -0.5"),
     ("ar_loss_weight", float("nan"), "ar_loss_weight must be a finite number >= 0; got nan"),
     ("ar_loss_weight", "1", "ar_loss_weight must be a finite number >= 0; got '1'"),
+    ("log_every", -1, r"log_every must be an integer >= 0 \(0: every 5% of the steps\); got -1"),
+    ("log_every", True, "log_every must be an integer >= 0"),
 ])
 def test_config_errors(field, value, message):
   with pytest.raises(ValueError, match=message):

@@ -20,7 +20,8 @@ a workdir with checkpoints resumes from the newest one, after checking that the 
 (model, objective, data, batch, sequence and block size, seed, dtype) matches.
 
 Outputs. ``workdir/metrics.jsonl`` (one line per step: loss, lr, grad_norm, tokens/s, ...),
-a tqdm bar on process 0, and at the end ``workdir/export/``: the final model written by
+on process 0 a tqdm bar (on a terminal or in a notebook) or log lines (``log_every``; in a log
+file), and at the end ``workdir/export/``: the final model written by
 ``save_hf`` (``model_type`` ``Fast_dLLM_Qwen`` with ``bd_size`` for the block-diffusion
 objective on a Qwen2 model) plus the tokenizer, loadable by ``fdllm_jax.load_model`` /
 ``load_tokenizer``.
@@ -35,6 +36,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -136,7 +138,11 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   async_checkpointing: bool = True
+  # Process 0 reports progress: a tqdm bar on a terminal or in a notebook; otherwise (a log
+  # file, a cluster job) one log line every log_every steps and at the last step. 0: every 5%
+  # of num_steps.
   progress_bar: bool = True
+  log_every: int = 0
   export: bool = True
   export_dtype: str | None = None  # default: param_dtype
 
@@ -170,6 +176,10 @@ class TrainConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"TrainConfig.{name} must be a positive integer; got {value!r}")
+    log_every = self.log_every
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
+      raise ValueError(f"TrainConfig.log_every must be an integer >= 0 (0: every 5% of the "
+                       f"steps); got {self.log_every!r}")
     objective_lib.check_loss_chunk_size(self.loss_chunk_size)
     objective_lib.check_mask_ratio_range(self.mask_ratio_range)
     objective_lib.check_mask_pattern(self.mask_pattern, self.block_size, self.mask_sub_block_size)
@@ -641,7 +651,9 @@ class Trainer:
       with open(os.path.join(self.workdir, "config.gin"), "w") as f:
         f.write(gin.config_str())
     tokens_per_step = config.global_batch_size * config.seq_len
-    bar = _progress_bar(config, start, enabled=self.is_main and config.progress_bar)
+    report = self.is_main and config.progress_bar
+    bar = _progress_bar(config, start, enabled=report and _interactive())
+    self._log_every = (config.log_every or max(1, config.num_steps // 20)) if report else 0
     history, pending, last_time = [], None, time.perf_counter()
     params, opt_state = state["params"], state["opt_state"]
     # The mesh context lets shard_map-based attention (splash on TPU) find the mesh.
@@ -686,6 +698,10 @@ class Trainer:
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
                         gnorm=f"{values['grad_norm']:.3f}",
                         tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+      elif self._log_every and (step % self._log_every == 0 or step == self.config.num_steps):
+        _log.info("step %d/%d: loss %.4f, lr %.2e, grad norm %.3f, %.2f s/step, %.0f tokens/s",
+                  step, self.config.num_steps, values["loss"], values["lr"],
+                  values["grad_norm"], seconds, record["tokens_per_s"] or 0.0)
     return now
 
   # -- export
@@ -753,6 +769,15 @@ def _truncate_metrics(path: str, last_step: int) -> None:
   with open(path + ".tmp", "w") as f:
     f.writelines(kept)
   os.replace(path + ".tmp", path)
+
+
+def _interactive() -> bool:
+  """Whether a progress bar can redraw in place: stderr is a terminal, or a notebook kernel
+  runs (tqdm.auto draws a widget there); in a log file every redraw would be appended."""
+  if "ipykernel" in sys.modules:
+    return True
+  isatty = getattr(sys.stderr, "isatty", None)
+  return bool(isatty and isatty())
 
 
 def _progress_bar(config: TrainConfig, start: int, *, enabled: bool):
