@@ -187,13 +187,13 @@ def prompt_entries(args) -> list[PromptEntry] | None:
 def result_rows(entries: Sequence[PromptEntry], out, tokenizer, **extra_columns) -> list[dict]:
   """One dict per prompt for ``--output``: the prompt as given, the generated text, its token
   count, whether it stopped on a stop id (False: the token limit), and the row's own forward
-  count when its last token was fixed; ``extra_columns`` maps a name to a function of the
-  decoded text (e.g. the demo's boxed answer)."""
+  count when the last of its tokens was fixed (tokens of a block are fixed in any order);
+  ``extra_columns`` maps a name to a function of the decoded text (e.g. the demo's answer)."""
   rows = []
   for index, (entry, tokens, steps) in enumerate(zip(entries, out.tokens, out.step_of_token)):
     text = tokenizer.decode(tokens)
     row = {"index": index, "prompt": entry, "text": text, "num_tokens": len(tokens),
-           "finished": bool(out.finished[index]), "forwards": int(steps[-1]) if steps else 0}
+           "finished": bool(out.finished[index]), "forwards": max(steps, default=0)}
     row.update({name: column(text) for name, column in extra_columns.items()})
     rows.append(row)
   return rows

@@ -107,7 +107,10 @@ def test_prompts_file_and_output_give_what_the_prompt_flags_give(model_dir, caps
   assert [row["text"] for row in rows] == expected
   for row in rows:
     assert 0 < row["num_tokens"] <= 10 and isinstance(row["finished"], bool)
-    assert 1 <= row["forwards"] <= (row["num_tokens"] if engine else 10 + 1)
+    if engine:  # AR: token k is fixed by forward k
+      assert row["forwards"] == row["num_tokens"]
+    else:
+      assert 1 <= row["forwards"] <= 10 + 1
 
   # jsonl: a "messages" entry is the chat template of its messages, a "prompt" entry follows --chat
   chat = tmp_path / "chat.jsonl"
@@ -122,6 +125,24 @@ def test_prompts_file_and_output_give_what_the_prompt_flags_give(model_dir, caps
   rows = [json.loads(line) for line in output.read_text().splitlines()]
   assert rows[0]["prompt"] == [{"role": "user", "content": "six"}] and rows[1]["prompt"] == "six"
   assert rows[0]["text"] == rows[1]["text"] == by_chat
+
+
+def test_result_rows_take_the_last_forward_of_out_of_order_tokens():
+  out = fdllm_jax.GenerateOutput(tokens=[[5, 6, 7], []], finished=[True, False], num_forwards=4,
+                                 step_of_token=[[1, 3, 2], []], seconds=1.0, compile_seconds=0.0,
+                                 host_syncs=1)
+
+  class Tok:
+    def decode(self, ids):
+      return " ".join(map(str, ids))
+
+  rows = decode.result_rows(["a", [{"role": "user", "content": "b"}]], out, Tok(),
+                            double=lambda text: text * 2)
+  assert rows == [
+      {"index": 0, "prompt": "a", "text": "5 6 7", "num_tokens": 3, "finished": True,
+       "forwards": 3, "double": "5 6 75 6 7"},
+      {"index": 1, "prompt": [{"role": "user", "content": "b"}], "text": "", "num_tokens": 0,
+       "finished": False, "forwards": 0, "double": ""}]
 
 
 @pytest.mark.parametrize("content,message", [
