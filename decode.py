@@ -24,8 +24,8 @@ Many prompts come from a file and go to one (either mode):
 ``--prompts_file``: a ``.jsonl`` file of ``{"prompt": text}`` objects (``--chat`` and
 ``--system`` wrap the text as for ``--prompt``) or ``{"messages": [{"role": ..., "content":
 ...}, ...]}`` objects (rendered with the chat template as given), or any other file as plain
-text, one prompt per non-blank line. ``--output``: one JSON line per prompt, in the file's order, instead of printing the
-texts (``read_prompts_file``, ``result_rows``).
+text, one prompt per non-blank line. ``--output``: one JSON line per prompt, in the file's
+order, instead of printing the texts (``read_prompts_file``, ``result_rows``).
 A progress bar (on a terminal) follows the generation: the device loop runs a few blocks per
 call and reports in between, so there is no host round trip per step.
 """
