@@ -42,8 +42,8 @@ def _cutoff(sorted_desc, top_p):
   return jnp.take_along_axis(sorted_desc, num_kept - 1, axis=-1)
 
 
-def top_p_filter(probs_xV: jax.Array, top_p, prefix: int = 64) -> jax.Array:
-  """Keeps the top-p nucleus of each distribution and renormalises (see the module docstring).
+def top_p_mask(probs_xV: jax.Array, top_p, prefix: int = 64) -> jax.Array:
+  """Whether each token is in the top-p nucleus of its distribution (module docstring).
 
   ``top_p`` in (0, 1] may be a traced scalar; ``top_p >= 1`` keeps every token with p > 0.
   The nucleus is found among the ``prefix`` most probable tokens (``lax.top_k``) when they
@@ -59,7 +59,13 @@ def top_p_filter(probs_xV: jax.Array, top_p, prefix: int = 64) -> jax.Array:
   else:
     cutoff = full_sort(probs_xV)
   cutoff = jnp.where(top_p >= 1.0, jnp.zeros_like(cutoff), cutoff)
-  kept = jnp.where((probs_xV >= cutoff) & (probs_xV > 0), probs_xV, 0.0)
+  return (probs_xV >= cutoff) & (probs_xV > 0)
+
+
+def top_p_filter(probs_xV: jax.Array, top_p, prefix: int = 64) -> jax.Array:
+  """Keeps the top-p nucleus of each distribution (``top_p_mask``) and renormalises."""
+  probs_xV = probs_xV.astype(jnp.float32)
+  kept = jnp.where(top_p_mask(probs_xV, top_p, prefix), probs_xV, 0.0)
   return kept / jnp.sum(kept, axis=-1, keepdims=True)
 
 
@@ -74,7 +80,13 @@ def sample(logits_xV: jax.Array, key: jax.Array, *, temperature, top_p,
   positions, or a batch of keys [B] (``row_keys``), one per row of ``logits`` [B, ..., V].
   """
   logits_xV = logits_xV.astype(jnp.float32)
-  probs_xV = top_p_filter(jax.nn.softmax(logits_xV / temperature, axis=-1), top_p)
+  scaled_xV = logits_xV / temperature
+  # Renormalised as the softmax of the nucleus' logits, as the reference does: a nucleus of one
+  # token then has probability exactly 1.0. Dividing by the kept mass instead gives p / p,
+  # which XLA computes as p * (1 / p): 1 - 2**-24 for some p, and then which of two such
+  # tokens commits first at threshold 1.0 depended on the batch a row was decoded in.
+  keep_xV = top_p_mask(jax.nn.softmax(scaled_xV, axis=-1), top_p)
+  probs_xV = jax.nn.softmax(jnp.where(keep_xV, scaled_xV, _NEG_INF), axis=-1)
   candidates_xV = probs_xV
   if exclude_id is not None:
     candidates_xV = jnp.where(

@@ -413,6 +413,22 @@ def test_max_batch_size_keeps_each_prompts_samples(plain_model):
   assert streamed.tokens[0] != streamed.tokens[1]
 
 
+@pytest.mark.parametrize("dual", [False, True])
+def test_sampled_threshold_one_is_batch_invariant(dual):
+  # Sharp distributions at top-p 0.5: many positions have a one-token nucleus, confidence 1.0,
+  # and the first of them commits; a row decodes the same alone, in a batch or streamed.
+  model = _model(8, head_scale=20.0)
+  prompts = [_prompt(n, seed=5) for n in (56, 47, 5, 74)]
+  config = _config(threshold=1.0, temperature=0.5, top_p=0.5, seed=23, max_new_tokens=51,
+                   use_dual_cache=dual)
+  one_batch = fdllm_jax.generate(model, prompts, config)
+  streamed = fdllm_jax.generate(model, prompts, config, max_batch_size=1)
+  alone = fdllm_jax.generate(model, prompts[:1], config)
+  assert streamed.tokens == one_batch.tokens
+  assert streamed.step_of_token == one_batch.step_of_token
+  assert alone.tokens[0] == one_batch.tokens[0]
+
+
 def test_stop_at_first_token_and_finished_rows_freeze(plain_model):
   prompt = _prompt(32)
   first = fdllm_jax.generate(plain_model, [prompt], _config(max_new_tokens=1, stop_ids=()))

@@ -44,6 +44,20 @@ def test_sample_draws_only_the_nucleus_in_proportion():
   np.testing.assert_allclose(conf, np.where(ids == 1, 2 / 3, 1 / 3), rtol=1e-5)
 
 
+def test_a_one_token_nucleus_has_probability_exactly_one():
+  # p / p is 1 - 2**-24 for some p in XLA's division; at threshold 1.0 that made the commit
+  # order of equally sure tokens depend on the batch (the softmax of the nucleus' logits, as
+  # in the reference, is exactly 1).
+  logits = jax.random.normal(jax.random.key(0), (2000, 97)) * 4.0
+  keys = jax.random.split(jax.random.key(1), 2000)
+  single = np.asarray(jnp.max(jax.nn.softmax(logits / 0.7, axis=-1), axis=-1) > 0.3)
+  assert single.sum() > 1000
+  for run in (sampling.sample, jax.jit(sampling.sample, static_argnames=("exclude_id",))):
+    ids, conf = run(logits, keys, temperature=0.7, top_p=0.3)
+    assert (np.asarray(conf)[single] == 1.0).all()
+    np.testing.assert_array_equal(np.asarray(ids)[single], np.argmax(logits, -1)[single])
+
+
 def test_temperature_sharpens_and_flattens():
   logits = jnp.log(jnp.asarray(PROBS))
   keys = jax.random.split(jax.random.key(1), 3000)
