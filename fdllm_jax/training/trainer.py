@@ -653,7 +653,7 @@ class Trainer:
     tokens_per_step = config.global_batch_size * config.seq_len
     report = self.is_main and config.progress_bar
     bar = _progress_bar(config, start, enabled=report and _interactive())
-    self._log_every = (config.log_every or max(1, config.num_steps // 20)) if report else 0
+    log_every = (config.log_every or max(1, config.num_steps // 20)) if report else 0
     history, pending, last_time = [], None, time.perf_counter()
     params, opt_state = state["params"], state["opt_state"]
     # The mesh context lets shard_map-based attention (splash on TPU) find the mesh.
@@ -665,12 +665,12 @@ class Trainer:
         params, opt_state, metrics = self.train_step(params, opt_state, input_ids, labels,
                                                      np.int32(step))
         if pending is not None:  # fetch the previous step while this one runs
-          last_time = self._record(pending, last_time, tokens_per_step, history, bar)
+          last_time = self._record(pending, last_time, tokens_per_step, history, bar, log_every)
         pending = (step + 1, metrics, step == start)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.num_steps:
           self.save(step + 1, {"params": params, "opt_state": opt_state}, data_iter)
       if pending is not None:
-        self._record(pending, last_time, tokens_per_step, history, bar)
+        self._record(pending, last_time, tokens_per_step, history, bar, log_every)
       self.checkpoints.wait_until_finished()
     finally:
       mesh_context.__exit__(None, None, None)
@@ -681,7 +681,7 @@ class Trainer:
       self.export(params)
     return history
 
-  def _record(self, pending, last_time, tokens_per_step, history, bar) -> float:
+  def _record(self, pending, last_time, tokens_per_step, history, bar, log_every) -> float:
     step, metrics, includes_compile = pending
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.perf_counter()
@@ -698,7 +698,7 @@ class Trainer:
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
                         gnorm=f"{values['grad_norm']:.3f}",
                         tok_s=f"{record['tokens_per_s'] or 0:.0f}")
-      elif self._log_every and (step % self._log_every == 0 or step == self.config.num_steps):
+      elif log_every and (step % log_every == 0 or step == self.config.num_steps):
         _log.info("step %d/%d: loss %.4f, lr %.2e, grad norm %.3f, %.2f s/step, %.0f tokens/s",
                   step, self.config.num_steps, values["loss"], values["lr"],
                   values["grad_norm"], seconds, record["tokens_per_s"] or 0.0)
