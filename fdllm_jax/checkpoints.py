@@ -89,6 +89,36 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
   return header, 8 + header_len
 
 
+def read_tensor(path: str, name: str) -> np.ndarray:
+  """One tensor of a safetensors file, copied out of it."""
+  header, data_start = read_safetensors_header(path)
+  info = header[name]
+  dtype = _DTYPES[info["dtype"]]
+  begin, end = info["data_offsets"]
+  with open(path, "rb") as f:
+    f.seek(data_start + begin)
+    data = f.read(end - begin)
+  return np.frombuffer(data, dtype=dtype).reshape(info["shape"]).copy()
+
+
+def _skips_tied_head(files: Sequence[str], config: ModelConfig) -> bool:
+  """Whether a tied checkpoint also stores ``lm_head.weight``, equal to the embedding: it is
+  then skipped, as transformers does. A different one is refused: transformers unties them."""
+  if not config.tie_word_embeddings:
+    return False
+  where = {name: file for file in files for name in read_safetensors_header(file)[0]}
+  if "lm_head.weight" not in where:
+    return False
+  head = read_tensor(where["lm_head.weight"], "lm_head.weight")
+  embed_name = "model.embed_tokens.weight"
+  if embed_name in where and np.array_equal(head, read_tensor(where[embed_name], embed_name)):
+    return True
+  raise ValueError(f"{where['lm_head.weight']}: config.json ties the embeddings "
+                   f"(tie_word_embeddings=true) but the checkpoint holds an lm_head.weight that "
+                   f"differs from {embed_name} (transformers then unties them); set "
+                   f"tie_word_embeddings to false in config.json to load it as its own head")
+
+
 def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (name, read-only array view into a memory map), one tensor at a time.
 
@@ -251,8 +281,12 @@ def load_model(name_or_path: str, *, dtype: str = "float32",
   graphdef, abstract_state = nnx.split(abstract_model(config, target_dtype))
   expected = {tuple(path): leaf for path, leaf in nnx.to_flat_state(abstract_state)}
   loaded: dict[tuple, jax.Array] = {}
-  for file in safetensors_files(directory):
+  files = safetensors_files(directory)
+  skip_head = _skips_tied_head(files, config)
+  for file in files:
     for name, array in iter_safetensors(file):
+      if skip_head and name == "lm_head.weight":
+        continue
       try:
         path, transpose = hf_to_path(name)
       except KeyError:

@@ -11,6 +11,19 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "Fast_dLLM_Qwen", "llama")
 
 # HF fields that only matter to training frameworks or generation defaults; ignored on purpose.
 _IGNORED_ROPE_TYPES = (None, "default")
+# transformers' names of SiLU (its ACT2FN maps "swish" to the same nn.SiLU).
+_SILU_NAMES = ("silu", "swish")
+# The reference's PyTorch code for Fast_dLLM_Qwen, in the hub repository of the released 1.5B
+# model (transformers' ``repo--module.Class`` form): written into exported configs so that
+# ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` can build the model.
+REFERENCE_REPO = "Efficient-Large-Model/Fast_dLLM_v2_1.5B"
+REFERENCE_AUTO_MAP = {
+    "AutoConfig": f"{REFERENCE_REPO}--configuration.Fast_dLLM_QwenConfig",
+    "AutoModel": f"{REFERENCE_REPO}--modeling.Fast_dLLM_QwenModel",
+    "AutoModelForCausalLM": f"{REFERENCE_REPO}--modeling.Fast_dLLM_QwenForCausalLM",
+}
+# transformers' max_position_embeddings when config.json has none.
+_DEFAULT_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "Fast_dLLM_Qwen": 32768}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +100,12 @@ class ModelConfig:
           intermediate_size=int(raw["intermediate_size"]),
           num_hidden_layers=int(raw["num_hidden_layers"]),
           num_attention_heads=heads,
-          num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+          num_key_value_heads=_num_key_value_heads(raw, heads),
           head_dim=int(head_dim),
           rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
           rope_theta=float(_rope_theta(raw)),
-          max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+          max_position_embeddings=int(raw.get("max_position_embeddings",
+                                              _DEFAULT_MAX_POSITIONS[model_type])),
           tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
           attention_bias=_attention_bias(raw, model_type, source),
           model_type=model_type,
@@ -142,7 +156,10 @@ class ModelConfig:
       out["mlp_bias"] = False
     if self.model_type == "Fast_dLLM_Qwen":
       out["architectures"] = ["Fast_dLLM_QwenForCausalLM"]
-      out["bd_size"] = self.bd_size or 32
+      out["auto_map"] = dict(REFERENCE_AUTO_MAP)
+      out["bd_size"] = self.bd_size or 32  # the reference's default
+    elif self.bd_size is not None:
+      out["bd_size"] = self.bd_size
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
       value = getattr(self, name)
       if value is not None:
@@ -151,10 +168,30 @@ class ModelConfig:
 
 
 def _rope_theta(raw: Mapping[str, Any]) -> float:
-  params = raw.get("rope_parameters") or {}
+  # transformers 5 reads rope_scaling, when there is one, as rope_parameters; a theta there
+  # wins over the top-level one (transformers 4's place).
+  params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
   if "rope_theta" in params:
     return params["rope_theta"]
   return raw.get("rope_theta", 10000.0)  # transformers' default for both families
+
+
+def _num_key_value_heads(raw: Mapping[str, Any], heads: int) -> int:
+  value = raw.get("num_key_value_heads")
+  return heads if value is None else int(value)  # None: multi-head attention, as transformers
+
+
+def _other_than_full_attention(raw: Mapping[str, Any]) -> dict[int, str]:
+  """The layers transformers' Qwen2 builds with another attention than full, by type."""
+  layer_types = raw.get("layer_types")
+  if layer_types:
+    return {i: t for i, t in enumerate(layer_types) if t != "full_attention"}
+  if raw.get("model_type") == "llama" or not raw.get("use_sliding_window"):
+    return {}
+  if raw.get("sliding_window", 4096) is None:
+    return {}
+  first = int(raw.get("max_window_layers", 28))  # Qwen2Config's defaults
+  return {i: "sliding_attention" for i in range(first, int(raw.get("num_hidden_layers", 0)))}
 
 
 def _reject_unsupported_features(raw: Mapping[str, Any], source: str) -> None:
@@ -164,16 +201,23 @@ def _reject_unsupported_features(raw: Mapping[str, Any], source: str) -> None:
     if rope_type not in _IGNORED_ROPE_TYPES:
       raise ValueError(f"{source}: {key} of type {rope_type!r} is not implemented; only plain "
                        f"RoPE (rope_type 'default') is supported")
-  if raw.get("use_sliding_window"):
-    raise ValueError(f"{source}: use_sliding_window=true (sliding-window attention layers) is "
-                     f"not implemented")
-  layer_types = raw.get("layer_types")
-  if layer_types and any(t != "full_attention" for t in layer_types):
-    raise ValueError(f"{source}: layer_types {sorted(set(layer_types))} include layers other "
-                     f"than 'full_attention', which are not implemented")
+  for key in ("rope_scaling", "rope_parameters"):
+    factor = (raw.get(key) or {}).get("partial_rotary_factor")
+    if factor not in (None, 1, 1.0):
+      raise ValueError(f"{source}: {key} partial_rotary_factor={factor!r} is not implemented; "
+                       f"RoPE rotates the whole head (1.0)")
+  if raw.get("partial_rotary_factor") not in (None, 1, 1.0):
+    raise ValueError(f"{source}: partial_rotary_factor={raw['partial_rotary_factor']!r} is not "
+                     f"implemented; RoPE rotates the whole head (1.0)")
+  other = _other_than_full_attention(raw)
+  if other:
+    raise ValueError(f"{source}: layers {sorted(other)} are {sorted(set(other.values()))} "
+                     f"(from use_sliding_window / max_window_layers / layer_types), which is not "
+                     f"implemented; only 'full_attention' layers")
   act = raw.get("hidden_act", "silu")
-  if act != "silu":
-    raise ValueError(f"{source}: hidden_act={act!r} is not implemented; only 'silu' (SwiGLU)")
+  if act not in _SILU_NAMES:
+    raise ValueError(f"{source}: hidden_act={act!r} is not implemented; only 'silu' (SwiGLU), "
+                     f"also called 'swish'")
   if raw.get("mlp_bias"):
     raise ValueError(f"{source}: mlp_bias=true is not implemented")
 

@@ -72,6 +72,31 @@ def test_saved_checkpoint_loads_in_transformers(tiny_qwen_dir, tmp_path):
                              fdllm_jax.compute_logits(model, ids), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("head", ["equal", "different"])
+def test_tied_checkpoint_that_also_stores_the_head(tmp_path, head):
+  """transformers ties an lm_head.weight equal to the embedding and unties a different one."""
+  import safetensors.numpy
+  config = hf_models.tiny_config(tie_word_embeddings=True)
+  directory = str(tmp_path / "tied")
+  hf_models.random_torch_model(config).save_pretrained(directory)
+  path = os.path.join(directory, "model.safetensors")
+  tensors = safetensors.numpy.load_file(path)
+  embed = tensors["model.embed_tokens.weight"]
+  tensors["lm_head.weight"] = embed.copy() if head == "equal" else embed[::-1].copy()
+  safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+  if head == "different":
+    with pytest.raises(ValueError, match="differs from model.embed_tokens.weight.*"
+                       "tie_word_embeddings to false"):
+      fdllm_jax.load_model(directory)
+    return
+  import transformers
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+  ids = np.random.RandomState(0).randint(0, 517, (1, 12))
+  np.testing.assert_allclose(hf_models.torch_logits(torch_model, ids),
+                             fdllm_jax.compute_logits(fdllm_jax.load_model(directory), ids),
+                             rtol=1e-4, atol=1e-4)
+
+
 def test_bfloat16_save_load_round_trip(tiny_qwen_dir, tmp_path):
   model = fdllm_jax.load_model(tiny_qwen_dir, dtype="bfloat16")
   out = str(tmp_path / "bf16")

@@ -23,12 +23,8 @@ import os
 import shutil
 from typing import Sequence
 
-REFERENCE_REPO = "Efficient-Large-Model/Fast_dLLM_v2_1.5B"
-REFERENCE_AUTO_MAP = {
-    "AutoConfig": f"{REFERENCE_REPO}--configuration.Fast_dLLM_QwenConfig",
-    "AutoModel": f"{REFERENCE_REPO}--modeling.Fast_dLLM_QwenModel",
-    "AutoModelForCausalLM": f"{REFERENCE_REPO}--modeling.Fast_dLLM_QwenForCausalLM",
-}
+from fdllm_jax.config import REFERENCE_AUTO_MAP
+
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "special_tokens_map.json", "chat_template.jinja")
 MAX_TOTAL_BYTES = 20 * 1024 * 1024
