@@ -51,18 +51,27 @@ _warned: set = set()
 
 # ----------------------------------------------------------------------------- meshes
 
+def check_mesh_shape(mesh_shape: Sequence[int]) -> None:
+  """Raises unless ``mesh_shape`` is 3 integers (data, fsdp, tensor), each positive or one -1."""
+  if isinstance(mesh_shape, (str, bytes)) or not isinstance(mesh_shape, Sequence):
+    raise ValueError(f"mesh_shape must be 3 integers (data, fsdp, tensor); got {mesh_shape!r}")
+  if len(mesh_shape) != 3:
+    raise ValueError(f"mesh_shape must have 3 entries (data, fsdp, tensor); got {mesh_shape}")
+  is_int = lambda s: isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+  if (not all(is_int(s) for s in mesh_shape) or list(mesh_shape).count(-1) > 1
+      or any(s == 0 or s < -1 for s in mesh_shape)):
+    raise ValueError(f"mesh_shape {tuple(mesh_shape)}: entries must be positive integers, with "
+                     f"at most one -1 (inferred)")
+
+
 def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices of all processes).
 
   One entry of ``mesh_shape`` may be -1: it takes whatever the other two leave.
   """
   devices = list(jax.devices() if devices is None else devices)
+  check_mesh_shape(mesh_shape)
   shape = [int(s) for s in mesh_shape]
-  if len(shape) != 3:
-    raise ValueError(f"mesh_shape must have 3 entries (data, fsdp, tensor); got {mesh_shape}")
-  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh_shape {tuple(mesh_shape)}: entries must be positive, with at most "
-                     f"one -1 (inferred)")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:

@@ -49,6 +49,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from fdllm_jax import attention as attention_lib
 from fdllm_jax import sharding as sharding_lib
 from fdllm_jax.checkpoints import keep_on_host, load_model, save_hf
 from fdllm_jax.config import ModelConfig
@@ -172,10 +173,20 @@ class TrainConfig:
       raise ValueError(f"schedule={self.schedule!r} is unknown; use 'constant', 'cosine' or "
                        f"'linear'")
     for name in ("num_steps", "global_batch_size", "grad_accum_steps", "checkpoint_every",
-                 "keep_checkpoints", "seq_len", "vocab_multiple"):
+                 "keep_checkpoints", "seq_len", "block_size", "vocab_multiple"):
       value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
+      if not _is_int(value) or value < 1:
         raise ValueError(f"TrainConfig.{name} must be a positive integer; got {value!r}")
+    self._validate_optimisation()
+    for name in ("pad_mask_token", "shuffle", "remat", "async_checkpointing", "progress_bar",
+                 "export", "share_clean_stream", "complementary_masks"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"TrainConfig.{name} must be True or False; got "
+                         f"{getattr(self, name)!r}")
+    sharding_lib.check_mesh_shape(self.mesh_shape)
+    if self.attention_impl is not None and self.attention_impl not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} is unknown; use None (the "
+                       f"backend's default) or one of {attention_lib.IMPLEMENTATIONS}")
     log_every = self.log_every
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
       raise ValueError(f"TrainConfig.log_every must be an integer >= 0 (0: every 5% of the "
@@ -196,15 +207,37 @@ class TrainConfig:
     if self.ar_loss_weight and self.objective != "block_diffusion":
       raise ValueError(f"ar_loss_weight={self.ar_loss_weight} needs "
                        f"objective='block_diffusion'; got objective={self.objective!r}")
-    if not isinstance(self.share_clean_stream, bool):
-      raise ValueError(f"share_clean_stream must be True or False; got "
-                       f"{self.share_clean_stream!r}")
-    if not isinstance(self.complementary_masks, bool):
-      raise ValueError(f"complementary_masks must be True or False; got "
-                       f"{self.complementary_masks!r}")
     if self.global_batch_size % self.grad_accum_steps:
       raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by "
                        f"grad_accum_steps={self.grad_accum_steps}")
+
+  def _validate_optimisation(self) -> None:
+    """The optimiser's numbers: each out-of-range value would train silently wrong (a negative
+    clip norm or learning rate ascends; adam_eps = 0 or b = 1 give NaN)."""
+    checks = (
+        ("learning_rate", "a finite number >= 0", lambda x: x >= 0),
+        ("min_lr_ratio", "a number in [0, 1]", lambda x: 0 <= x <= 1),
+        ("warmup_ratio", "a number in [0, 1]", lambda x: 0 <= x <= 1),
+        ("weight_decay", "a finite number >= 0", lambda x: x >= 0),
+        ("adam_b1", "a number in [0, 1)", lambda x: 0 <= x < 1),
+        ("adam_b2", "a number in [0, 1)", lambda x: 0 <= x < 1),
+        ("adam_eps", "a finite number > 0", lambda x: x > 0),
+    )
+    for name, accepted, in_range in checks:
+      value = getattr(self, name)
+      if not _is_real(value) or not in_range(value):
+        raise ValueError(f"TrainConfig.{name} must be {accepted}; got {value!r}")
+    clip = self.max_grad_norm
+    if clip is not None and (not _is_real(clip) or clip <= 0):
+      raise ValueError(f"TrainConfig.max_grad_norm must be a finite number > 0, or None for no "
+                       f"clipping; got {clip!r}")
+    warmup = self.warmup_steps
+    if warmup is not None and (not _is_int(warmup) or warmup < 0):
+      raise ValueError(f"TrainConfig.warmup_steps must be an integer >= 0, or None for "
+                       f"warmup_ratio x num_steps; got {warmup!r}")
+    if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+      raise ValueError(f"TrainConfig.seed must be an integer in [0, 2**32) (larger seeds wrap "
+                       f"around); got {self.seed!r}")
 
   @property
   def data_paths(self) -> list[str]:
@@ -216,6 +249,16 @@ class TrainConfig:
     if self.warmup_steps is not None:
       return self.warmup_steps
     return int(math.ceil(self.warmup_ratio * self.num_steps))
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+  """A finite int or float, not a bool."""
+  return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+          and math.isfinite(value))
 
 
 # ----------------------------------------------------------------------------- params <-> model
@@ -295,7 +338,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
   adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                       eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask)
-  if config.max_grad_norm:
+  if config.max_grad_norm is not None:
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
   return adamw
 
@@ -584,7 +627,7 @@ class Trainer:
         "pad_mask_token": config.pad_mask_token,
         "shuffle": config.shuffle,
         "seed": config.seed,
-        "optimizer": "clip+adamw" if config.max_grad_norm else "adamw",  # state structure
+        "optimizer": "clip+adamw" if config.max_grad_norm is not None else "adamw",  # state structure
     })
 
   def run_settings(self) -> dict[str, Any]:
