@@ -31,7 +31,13 @@ The other implementations and what they cover (``route(...)`` says which path a 
 
 Every combination a kernel does not cover (e.g. a block-causal window against a cache with a
 traced ``q_offset_B``, ``Explicit`` masks) runs the xla reference instead, with a one-time
-``UserWarning`` naming the combination: nothing is computed differently, only slower.
+``UserWarning`` naming the combination: nothing is computed differently, only slower. (The
+splash path's own fallbacks, listed in ``fdllm_jax.splash.window_attention``, do not warn.)
+
+A query that sees no key at all (a row with ``kv_lengths`` 0: padding, whose output is
+discarded) gets the mean of the values from the xla reference and cudnn (a finite mask value,
+as the Hugging Face eager path) and zeros from the Pallas and TPU window kernels. Every other
+query gets the same result from every path.
 
 Interpret mode: Pallas kernels cannot be compiled for the CPU; ``interpret=None`` (the
 default) runs them in Pallas' interpreter whenever the default backend is not a GPU, which
@@ -41,6 +47,7 @@ is how the tests check them on CPU. Pass ``interpret=True/False`` to force eithe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Literal
 
@@ -127,6 +134,8 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
       (for "splash": not a TPU).
   """
   _check_shapes(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
+  _check_row_indices(q_BxTxHxD.shape[0], q_offset_B=q_offset_B, kv_lengths_B=kv_lengths_B)
+  _check_mask_span(mask, q_BxTxHxD.shape[1], k_BxSxKxD.shape[1])
   requested = implementation is not None
   implementation = implementation or default_implementation()
   if not requested and implementation == "pallas" and q_BxTxHxD.dtype == jnp.float32:
@@ -154,14 +163,9 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
                                         block_size=chosen.block_size, sm_scale=sm_scale,
                                         interpret=interpret)
   lengths_B = _window_lengths(kv_lengths_B, q_BxTxHxD.shape[0], k_BxSxKxD.shape[1])
-  if chosen.path == "window":
-    from pallas_kernels import window_kernel
-    return window_kernel.window_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B,
-                                          sm_scale=sm_scale, interpret=interpret)
-  if chosen.path == "triton_window":
-    from pallas_kernels import triton_window
-    return triton_window.triton_window_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B,
-                                                 sm_scale=sm_scale)
+  if chosen.path in ("window", "triton_window"):
+    return _window_with_reference_gradient(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B,
+                                           chosen.path, sm_scale, interpret)
   assert chosen.path == "cudnn", chosen
   return cudnn_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, q_offset_B=q_offset_B,
                          kv_lengths_B=kv_lengths_B, sm_scale=sm_scale)
@@ -240,6 +244,35 @@ def _window_lengths(kv_lengths_B, batch, num_keys):
   return jnp.broadcast_to(jnp.asarray(kv_lengths_B, jnp.int32), (batch,))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _window_with_reference_gradient(q, k, v, lengths_B, path, sm_scale, interpret):
+  """The decode-window kernels (forward only) with the xla reference's gradient, so that
+  ``jax.grad`` through a short ``Full``-mask call works (decoding never differentiates)."""
+  if path == "window":
+    from pallas_kernels import window_kernel
+    return window_kernel.window_attention(q, k, v, lengths_B, sm_scale=sm_scale,
+                                          interpret=interpret)
+  from pallas_kernels import triton_window
+  return triton_window.triton_window_attention(q, k, v, lengths_B, sm_scale=sm_scale)
+
+
+def _window_forward(q, k, v, lengths_B, path, sm_scale, interpret):
+  out = _window_with_reference_gradient(q, k, v, lengths_B, path, sm_scale, interpret)
+  return out, (q, k, v, lengths_B)
+
+
+def _window_backward(path, sm_scale, interpret, residuals, d_out):
+  del path, interpret
+  q, k, v, lengths_B = residuals
+  reference = lambda q, k, v: xla_attention(q, k, v, mask=masks_lib.Full(),
+                                            kv_lengths_B=lengths_B, sm_scale=sm_scale)
+  _, vjp = jax.vjp(reference, q, k, v)
+  return (*vjp(d_out), None)
+
+
+_window_with_reference_gradient.defvjp(_window_forward, _window_backward)
+
+
 def _on_gpu() -> bool:
   return jax.default_backend() in ("gpu", "cuda", "rocm")
 
@@ -267,6 +300,24 @@ def cudnn_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None,
     allowed_BxTxS = visibility(mask, num_q, num_k, q_offset_B, kv_lengths_B)
     kwargs["mask"] = allowed_BxTxS[:, None]
   return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, **kwargs)
+
+
+def _check_row_indices(batch: int, **per_row) -> None:
+  """``q_offset_B`` / ``kv_lengths_B``: None or integers of shape [B]."""
+  for name, value in per_row.items():
+    if value is None:
+      continue
+    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+    shape = np.shape(value)
+    if shape != (batch,) or not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f"{name} must be integers of shape [B]=({batch},); got shape {shape}, "
+                       f"dtype {dtype}")
+
+
+def _check_mask_span(mask, num_q: int, num_k: int) -> None:
+  if isinstance(mask, masks_lib.Training) and max(num_q, num_k) > mask.total_len:
+    raise ValueError(f"a Training mask spans {mask.total_len} indices ((noisy streams + 1) x "
+                     f"seq_len={mask.seq_len}); got T={num_q} queries and S={num_k} keys")
 
 
 def _check_shapes(q, k, v):

@@ -60,6 +60,13 @@ def check_tile(name: str, tile: int):
     raise ValueError(f"{name} must be a power of two >= 16 (Triton tiles and dots); got {tile!r}")
 
 
+def check_nonempty(kernel: str, q, k) -> None:
+  """Every axis of q [B, T, Hq, D] and k [B, S, Hkv, D] must hold at least one element."""
+  if 0 in q.shape or 0 in k.shape:
+    raise ValueError(f"{kernel}: q {tuple(q.shape)} and k {tuple(k.shape)} must have no empty "
+                     f"axis (B, T / S, heads and D all >= 1)")
+
+
 def idiv(a, b):
   """Floor division of non-negative int32 scalars/arrays (traced or not)."""
   return lax.div(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))

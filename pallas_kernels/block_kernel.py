@@ -569,6 +569,7 @@ def _validate(q, k, v, kind, block_size):
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(f"block_attention expects q [B,T,Hq,D], k/v [B,S,Hkv,D]; got q {q.shape}, "
                      f"k {k.shape}, v {v.shape}")
+  cm.check_nonempty("block_attention", q, k)
   if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
     raise ValueError(f"q {q.shape} and k {k.shape}: batch and head_dim must match and Hq must "
                      "be a multiple of Hkv")

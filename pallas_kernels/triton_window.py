@@ -142,8 +142,7 @@ def triton_window_attention(q, k, v, kv_lengths, *, sm_scale: float | None = Non
                             num_warps: int | None = None, num_stages: int | None = None):
   """``window_kernel.window_attention`` with the split kernel written in Triton (GPU only)."""
   jt = import_jax_triton()
-  kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
-  wk._validate(q, k, v, kv_lengths)  # noqa: SLF001 (shared validation)
+  kv_lengths = wk._validate(q, k, v, kv_lengths)  # noqa: SLF001 (shared validation)
   batch, window, hq, d = q.shape
   smax, hkv = k.shape[1], k.shape[2]
   plan = plan or wk.decode_plan(batch, window, hq, hkv, d, smax)

@@ -145,7 +145,9 @@ def decode_plan(batch: int, window: int, num_heads: int, num_kv_heads: int, head
       wanted = cm.cdiv(target_programs or 2 * _num_sms(), base)
     cap = max(1, max_len // (2 * rows_pad))
     num_splits = max(1, min(wanted, cap, n_key_tiles))
-  num_splits = max(1, min(int(num_splits), n_key_tiles))
+  if isinstance(num_splits, bool) or int(num_splits) != num_splits or num_splits < 1:
+    raise ValueError(f"num_splits must be a positive integer or None; got {num_splits!r}")
+  num_splits = min(int(num_splits), n_key_tiles)
   tiles_per_split = cm.cdiv(n_key_tiles, num_splits)
   num_splits = cm.cdiv(n_key_tiles, tiles_per_split)
   return DecodePlan(batch=batch, num_kv_heads=num_kv_heads, rows=rows, rows_pad=rows_pad,
@@ -190,15 +192,21 @@ def combine_partials(o_part, lse_part, q_shape, dtype):
   return out.transpose(0, 2, 1, 3, 4).reshape(batch, window, hq, d).astype(dtype)
 
 
-def _validate(q, k, v, kv_lengths):
+def _validate(q, k, v, kv_lengths) -> jax.Array:
+  """Raises on shapes the kernel does not take; returns ``kv_lengths`` as int32."""
+  kv_lengths = jnp.asarray(kv_lengths)
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(f"window_attention expects q [B,W,Hq,D], k/v [B,Smax,Hkv,D]; got q "
                      f"{q.shape}, k {k.shape}, v {v.shape}")
+  cm.check_nonempty("window_attention", q, k)
   if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
     raise ValueError(f"q {q.shape} and k {k.shape}: batch and head_dim must match and Hq must "
                      "be a multiple of Hkv")
   if kv_lengths.shape != (q.shape[0],):
     raise ValueError(f"kv_lengths must have shape [B]=({q.shape[0]},); got {kv_lengths.shape}")
+  if not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
+    raise ValueError(f"kv_lengths must be integers; got dtype {kv_lengths.dtype}")
+  return kv_lengths.astype(jnp.int32)
 
 
 def _pad_cache(k, v, plan):
@@ -281,8 +289,7 @@ def window_partials(q, k, v, kv_lengths, *, sm_scale=None, interpret=False, plan
                     num_warps=None, num_stages=None, poison_outputs=False):
   """The split kernel alone: per-chunk outputs [B, Hkv, splits, rows_pad, D_pad] (float32,
   normalised within the chunk) and base-2 log-sum-exps [B, Hkv, splits, rows_pad]."""
-  kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
-  _validate(q, k, v, kv_lengths)
+  kv_lengths = _validate(q, k, v, kv_lengths)
   batch, window, hq, d = q.shape
   smax, hkv = k.shape[1], k.shape[2]
   plan = plan or decode_plan(batch, window, hq, hkv, d, smax)
@@ -333,8 +340,7 @@ def _check_plan(plan: DecodePlan, q, k):
 
 def window_attention_reference(q, k, v, kv_lengths, *, sm_scale: float | None = None):
   """Pure-jnp reference: keys ``[0, kv_lengths[b])`` visible, float32 softmax."""
-  kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
-  _validate(q, k, v, kv_lengths)
+  kv_lengths = _validate(q, k, v, kv_lengths)
   batch, window, hq, d = q.shape
   smax, hkv = k.shape[1], k.shape[2]
   scale = d ** -0.5 if sm_scale is None else sm_scale

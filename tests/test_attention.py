@@ -148,6 +148,42 @@ def test_triton_decode_window_matches_xla():
   assert _rel(out, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("implementation", ["pallas", "cudnn"])
+def test_gradients_through_a_decode_window_equal_the_reference(implementation):
+  """The window kernel is forward only; its gradient is the xla reference's."""
+  q, k, v = _qkv(3, 2, 5, 24, 4, 2, 16)
+  lengths = jnp.asarray([24, 7], jnp.int32)
+  weights = jax.random.normal(jax.random.PRNGKey(9), q.shape)
+  def loss(impl):
+    return lambda q, k, v: jnp.sum(weights * attn.attention(
+        q, k, v, mask=masks.Full(), kv_lengths_B=lengths, implementation=impl))
+  assert attn.route(implementation, masks.Full(), q, k, kv_lengths_B=lengths).path in (
+      "window", "cudnn")
+  got = jax.grad(loss(implementation), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    assert _rel(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kv_lengths_B=jnp.asarray(16)), r"kv_lengths_B must be integers of shape \[B\]=\(2,\)"),
+    (dict(kv_lengths_B=jnp.asarray([3.5, 16.0])), "dtype float32"),
+    (dict(q_offset_B=np.zeros(3, np.int32)), r"q_offset_B must be integers of shape \[B\]"),
+])
+def test_per_row_indices_must_be_integers_of_shape_b(kwargs, message):
+  q, k, v = _qkv(0, 2, 4, 16, 2, 2, 16)
+  for implementation in ("xla", "pallas"):
+    with pytest.raises(ValueError, match=message):
+      attn.attention(q, k, v, mask=masks.Full(), implementation=implementation, **kwargs)
+
+
+def test_a_training_mask_longer_than_its_span_is_refused():
+  q, k, v = _qkv(0, 1, 24, 24, 2, 2, 16)
+  for implementation in ("xla", "splash"):
+    with pytest.raises(ValueError, match="Training mask spans 16 indices .* got T=24"):
+      attn.attention(q, k, v, mask=masks.Training(4, 8), implementation=implementation)
+
+
 def test_unknown_implementation():
   q, k, v = _qkv(0, 1, 4, 4, 2, 2, 16)
   with pytest.raises(ValueError, match="unknown"):

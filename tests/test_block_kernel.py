@@ -211,6 +211,11 @@ def test_rejects_bad_arguments():
   with pytest.raises(ValueError, match="multiple"):
     bk.block_attention(jnp.zeros((1, 8, 3, 16)), jnp.zeros((1, 8, 2, 16)),
                        jnp.zeros((1, 8, 2, 16)), kind="causal", block_size=1, interpret=True)
+  for q_shape, k_shape in [((0, 8, 2, 16), (0, 8, 1, 16)), ((1, 0, 2, 16), (1, 8, 1, 16)),
+                           ((1, 8, 2, 16), (1, 0, 1, 16)), ((1, 8, 2, 0), (1, 8, 1, 0))]:
+    with pytest.raises(ValueError, match="must have no empty axis"):
+      bk.block_attention(jnp.zeros(q_shape), jnp.zeros(k_shape), jnp.zeros(k_shape),
+                         kind="causal", block_size=1, interpret=True)
 
 
 def test_segments_work_on_traced_indices():

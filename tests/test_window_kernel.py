@@ -104,6 +104,19 @@ def test_window_attention_matches_reference(batch, window, hq, hkv, d, smax, len
   assert _rel(out, ref) <= (1e-5 if dtype == jnp.float32 else 1e-2)
 
 
+def test_bad_lengths_splits_and_empty_axes_are_refused():
+  q, k, v = _inputs(0, 2, 4, 2, 1, 16, 32, jnp.float32)
+  with pytest.raises(ValueError, match="kv_lengths must be integers; got dtype float32"):
+    wk.window_attention(q, k, v, jnp.asarray([3.7, 32.0]), interpret=True)
+  with pytest.raises(ValueError, match=r"kv_lengths must have shape \[B\]=\(2,\)"):
+    wk.window_attention(q, k, v, jnp.asarray(32), interpret=True)
+  for splits in (0, -2, 1.5):
+    with pytest.raises(ValueError, match="num_splits must be a positive integer or None"):
+      wk.decode_plan(2, 4, 2, 1, 16, 32, num_splits=splits)
+  with pytest.raises(ValueError, match="must have no empty axis"):
+    wk.window_attention(q, k[:, :0], v[:, :0], jnp.asarray([0, 0]), interpret=True)
+
+
 def test_window_attention_default_plan_and_jit():
   q, k, v = _inputs(7, 2, 4, 4, 2, 32, 48, jnp.float32)
   lengths = jnp.asarray([48, 20], jnp.int32)
