@@ -181,6 +181,9 @@ class GenerateOutput:
     confidence_of_token: per row, for each id of ``tokens``, its confidence when it was fixed:
       the probability the model gave it under the full softmax, in that forward (``generate``).
       None for ``generate_ar``.
+    batch_rows: rows of the device batch (the number of prompts, or ``max_batch_size`` when
+      they stream through fewer rows): ``num_tokens / (num_forwards * batch_rows)`` is what one
+      row got per forward.
   """
 
   tokens: list[list[int]]
@@ -191,6 +194,7 @@ class GenerateOutput:
   compile_seconds: float
   host_syncs: int
   confidence_of_token: list[list[float]] | None = None
+  batch_rows: int | None = None
 
   @property
   def num_tokens(self) -> int:
@@ -805,7 +809,8 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
   return GenerateOutput(
       tokens=out_tokens, finished=finished, num_forwards=int(num_forwards),
       step_of_token=out_steps, seconds=time.perf_counter() - wall_start - compile_seconds,
-      compile_seconds=compile_seconds, host_syncs=host_syncs, confidence_of_token=out_conf)
+      compile_seconds=compile_seconds, host_syncs=host_syncs, confidence_of_token=out_conf,
+      batch_rows=batch)
 
 
 def _row_result(arrays, b: int, prompt_len: int, limit: int, config: DecodeConfig):
@@ -1080,7 +1085,7 @@ def generate_ar(model, prompts, *, max_new_tokens: int, stop_ids=(151645,),
       tokens=out_tokens, finished=finished, num_forwards=int(num_forwards),
       step_of_token=[list(range(1, len(t) + 1)) for t in out_tokens],
       seconds=time.perf_counter() - wall_start - compile_seconds,
-      compile_seconds=compile_seconds, host_syncs=host_syncs)
+      compile_seconds=compile_seconds, host_syncs=host_syncs, batch_rows=batch)
 
 
 def _as_tuple(stop_ids):

@@ -308,5 +308,11 @@ def test_max_batch_size_streams_each_call_with_the_same_outputs(tiny_qwen_vocab_
     assert [s["output"] for s in rows] == [s["output"] for s in batch]
     summary = json.loads((tmp_path / "rows" / run / "summary.json").read_text())
     assert summary["config"]["max_batch_size"] == 2
+    # tokens per forward counts the 2 device rows, not the 3 prompts of the call
+    assert {s["batch_rows"] for s in rows} == {2} and {s["batch_rows"] for s in batch} == {3}
+    assert summary["tokens_per_forward"] == pytest.approx(
+        summary["tokens"] / (summary["forwards"] * 2), abs=1e-4)
+    if run == "ar":  # one token per row per forward at most
+      assert 0.5 < summary["tokens_per_forward"] <= 1.0
   with pytest.raises(SystemExit):
     harness.parse_args([*common, "--out", "x", "--max_batch_size", "0"])

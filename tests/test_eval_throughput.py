@@ -24,6 +24,17 @@ def test_meter_totals():
   assert summary["tokens_per_s"] == 20.0 and summary["mean_tokens"] == 20.0
 
 
+def test_streamed_calls_divide_by_the_device_rows():
+  """Four prompts streamed through 2 rows in 12 forwards: 2 x 12 row forwards, not 4 x 12."""
+  meter = throughput.Throughput()
+  meter.add_batch([6, 6, 5, 7], seconds=1.0, forwards=12, rows=2)
+  assert meter.tokens_per_forward == pytest.approx(24 / 24)
+  assert meter.samples == 4
+  for rows in (0, 5):
+    with pytest.raises(ValueError, match=r"rows must be in \[1, 4\]"):
+      meter.add_batch([1, 1, 1, 1], seconds=1.0, forwards=1, rows=rows)
+
+
 def test_empty_meter():
   meter = throughput.Throughput()
   assert meter.tokens_per_s == 0.0 and meter.tokens_per_forward == 0.0

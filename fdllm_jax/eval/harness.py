@@ -111,7 +111,8 @@ def evaluate(task: Task, rows: Sequence[dict], tokenizer, generate_fn: GenerateF
       row_tokens = _row_tokens(output, len(batch), stop_ids)
       forwards = int(getattr(output, "num_forwards", 0) or 0)
       finished = list(getattr(output, "finished", None) or [None] * len(batch))
-      meter.add_batch([len(t) for t in row_tokens], seconds, forwards)
+      device_rows = getattr(output, "batch_rows", None) or len(batch)  # fewer when streamed
+      meter.add_batch([len(t) for t in row_tokens], seconds, forwards, device_rows)
       for j, i in enumerate(batch):
         text = tokenizer.decode(row_tokens[j])
         start = time.perf_counter()
@@ -123,7 +124,7 @@ def evaluate(task: Task, rows: Sequence[dict], tokenizer, generate_fn: GenerateF
                   "prompt_tokens": len(prompts[i][1]), "output": text, **scored,
                   "correct": bool(scored["correct"]), "tokens": len(row_tokens[j]),
                   "forwards": forwards, "seconds": round(seconds, 4),
-                  "batch_rows": len(batch), "finished": finished[j]}
+                  "batch_rows": device_rows, "finished": finished[j]}
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
       f.flush()
       done = batch[-1] + 1

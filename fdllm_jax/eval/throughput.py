@@ -5,7 +5,8 @@
 * seconds: wall time of each ``generate`` call (prefill, decoding, and the transfer of the
   tokens back to the host), summed over batches; compilation is kept out by a warm-up call;
 * tokens per forward: generated tokens / (model forwards x rows of the batch): the tokens one
-  row gets per forward. At batch size 1 it is the paper's tokens-per-forward; at larger batch
+  row gets per forward (the rows on the device: with ``max_batch_size`` the prompts of a call
+  stream through that many rows). At batch size 1 it is the paper's tokens-per-forward; at larger batch
   sizes rows that finished early lower it. ``tokens_per_batch_forward`` divides by forwards
   only (how much one batched forward produced).
 
@@ -42,12 +43,18 @@ class Throughput:
   row_forwards: int = 0
   samples: int = 0
 
-  def add_batch(self, token_counts: Sequence[int], seconds: float, forwards: int) -> None:
-    """One ``generate`` call: tokens per row, its wall time, its number of model forwards."""
+  def add_batch(self, token_counts: Sequence[int], seconds: float, forwards: int,
+                rows: int | None = None) -> None:
+    """One ``generate`` call: tokens per prompt, its wall time, its number of model forwards,
+    and the rows of its device batch (default: one per prompt)."""
+    rows = len(token_counts) if rows is None else int(rows)
+    if not 1 <= rows <= max(len(token_counts), 1):
+      raise ValueError(f"rows must be in [1, {len(token_counts)}] (the prompts of the call); "
+                       f"got {rows}")
     self.tokens += int(sum(token_counts))
     self.seconds += float(seconds)
     self.forwards += int(forwards)
-    self.row_forwards += int(forwards) * len(token_counts)
+    self.row_forwards += int(forwards) * rows
     self.samples += len(token_counts)
 
   @property
