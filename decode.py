@@ -275,9 +275,15 @@ def _run(args) -> int:
   mode = "AR" if args.ar else (f"threshold {config.threshold}"
                                + (", DualCache" if config.use_dual_cache else ""))
   print(f"[{mode}] {out.num_tokens} tokens in {out.seconds:.2f} s: "
-        f"{out.tokens_per_second:.1f} tokens/s, {out.tokens_per_forward:.2f} tokens/forward, "
-        f"{out.num_forwards} forwards (compile {out.compile_seconds:.1f} s)", flush=True)
+        f"{out.tokens_per_second:.1f} tokens/s, {out.tokens_per_row_forward:.2f} tokens/forward, "
+        f"{out.num_forwards} forwards{_of_rows(out)} (compile {out.compile_seconds:.1f} s)",
+        flush=True)
   return 0
+
+
+def _of_rows(out) -> str:
+  """' of N rows' after the forward count of a batch (tokens/forward is then per row)."""
+  return f" of {out.batch_rows} rows" if (out.batch_rows or 1) > 1 else ""
 
 
 def _print_texts(args, tokenizer, out) -> None:
@@ -342,8 +348,9 @@ def _run_demo(args, entries: list[PromptEntry] | None) -> int:
   for name, out in outs.items():
     label = f"{name} ({mode})" if name == "Fast-dLLM v2" else f"{name} (generate_ar)"
     print(f"{label:40s} {out.num_tokens:4d} tokens in {out.seconds * 1e3:7.1f} ms: "
-          f"{out.tokens_per_second:7.1f} tokens/s, {out.tokens_per_forward:5.2f} tokens/forward, "
-          f"{out.num_forwards:3d} forwards (compile {out.compile_seconds:.1f} s)")
+          f"{out.tokens_per_second:7.1f} tokens/s, {out.tokens_per_row_forward:5.2f} "
+          f"tokens/forward, {out.num_forwards:3d} forwards{_of_rows(out)} "
+          f"(compile {out.compile_seconds:.1f} s)")
   diff, ar = outs["Fast-dLLM v2"], outs["AR base"]
   print(f"speed-up over AR: {diff.tokens_per_second / ar.tokens_per_second:.2f}x tokens/s, "
         f"{ar.num_forwards / diff.num_forwards:.2f}x fewer forwards", flush=True)

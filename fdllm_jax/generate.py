@@ -206,7 +206,14 @@ class GenerateOutput:
 
   @property
   def tokens_per_forward(self) -> float:
+    """Tokens per batched forward (all rows together)."""
     return self.num_tokens / self.num_forwards if self.num_forwards else float("nan")
+
+  @property
+  def tokens_per_row_forward(self) -> float:
+    """Tokens one row got per forward (the paper's tokens per forward at batch size 1)."""
+    row_forwards = self.num_forwards * (self.batch_rows or 1)
+    return self.num_tokens / row_forwards if row_forwards else float("nan")
 
 
 # ------------------------------------------------------------------------------ input checking

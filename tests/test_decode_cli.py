@@ -81,6 +81,12 @@ def test_max_batch_size_streams_the_prompts(model_dir, capsys, engine):
   assert code == 0, err
   text = lambda out: out[:out.rindex("\n[")]  # the three rows, without the timing line
   assert "--- [2]" in streamed and text(streamed) == text(batch)
+  # tokens/forward is per row: 3 rows in one batch, 1 row when streamed
+  for out, rows in ((batch, 3), (streamed, 1)):
+    stats = STATS.search(out)
+    assert float(stats.group(3)) == pytest.approx(
+        int(stats.group(2)) / (int(stats.group(4)) * rows), abs=0.006)
+    assert (f"forwards of {rows} rows" in out) == (rows > 1)
   code, _, err = _run(capsys, *common, "--max_batch_size", "0")
   assert code == 2 and "max_batch_size must be None or an integer >= 1; got 0" in err, err
 
