@@ -25,6 +25,11 @@ EXTRACTION_CASES = [
     ("\\boxed{2\\frac{1}{2}}", "2.5"),
     ("\\boxed{25\\%}", "25"),
     ("\\boxed{x = 42}", "42"),
+    # thousands as LaTeX thin spaces or \text{,}; the Unicode minus
+    ("\\boxed{34\\,663}", "34663"),
+    ("\\boxed{5\\text{,}000}", "5000"),
+    ("\\boxed{\u221210}", "-10"),
+    ("\\boxed{2\\,5}", "2"),  # not a thousands group
     ("\\boxed{ 7 }.", "7"),
     # several boxes: the last one wins; an empty or unclosed box is ignored
     ("First I thought \\boxed{10}, but correcting: \\boxed{12}", "12"),
@@ -47,6 +52,12 @@ EXTRACTION_CASES = [
     ("He runs 3.0 miles", "3"),
     ("That is .5 of the cake", "0.5"),
     ("Between 2023-2024 there were 7 games.", "7"),
+    # a fraction a/b is one number, a date is not
+    ("The answer is 1/5.", "0.2"),
+    ("Each gets 1/3 of the pie", "1/3"),
+    ("#### \\frac{1}{3}", "1/3"),
+    ("so 24/2 = 12 apples", "12"),
+    ("On 1/2/2020 he had 5 apples", "5"),
     # no answer at all
     ("I don't know.", None),
     ("", None),
@@ -80,6 +91,9 @@ def test_normalize_number(token, expected):
 def test_gold_answer_and_is_correct():
   assert gsm8k.gold_answer("Step...\n#### 1,200") == "1200"
   assert gsm8k.gold_answer("42") == "42"
+  # a chat row's numeric answer, read as the number it is
+  assert [gsm8k.gold_answer(a) for a in (42, -3, 1e16, 1e-05, 2.5)] == [
+      "42", "-3", "10000000000000000", "0.00001", "2.5"]
   assert gsm8k.is_correct("18", "18")
   assert gsm8k.is_correct("0.5", "1/2")
   assert gsm8k.is_correct("18.0", "18")

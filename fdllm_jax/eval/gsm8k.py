@@ -1,12 +1,19 @@
-"""GSM8K: the reference's chat prompt, answer extraction and scoring.
+"""GSM8K: the reference's chat prompt; our own answer extraction and scoring.
 
 Prompt (spec section 5): the question, a newline, then
 "Please reason step by step, and put your final answer within \\boxed{}." as the user turn.
 
 ``extract_answer`` reads the model's final answer: the last non-empty ``\\boxed{...}`` (nested
 braces allowed), else the number after the last ``#### ``, else the last number in the text.
-Numbers are normalised: ``$``, thousands commas, units and a trailing ``.`` dropped, ``3.0`` ->
-``3``, ``3.50`` -> ``3.5``, ``\\frac{1}{2}`` -> ``0.5`` (``1/3`` stays a fraction).
+Numbers are normalised: ``$``, thousands separators (``,``, ``\\,``, ``{,}``), units and a
+trailing ``.`` dropped, the Unicode minus read as ``-``, ``3.0`` -> ``3``, ``3.50`` -> ``3.5``,
+``\\frac{1}{2}`` and ``1/2`` -> ``0.5`` (``1/3`` stays a fraction). Scientific notation is not
+read (``7.1e+07`` -> ``7.1``).
+
+The reference's script scores with lm-evaluation-harness's gsm8k filters ("strict-match": the
+number after ``#### ``; "flexible-extract": the last number), which miss boxed answers followed
+by text, ``42.0`` and fractions: accuracies from here are not directly comparable with the
+paper's (usually higher for the same outputs).
 """
 
 from __future__ import annotations
@@ -20,12 +27,16 @@ SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A number: optional minus, digits with optional thousands groups, optional decimals; or ".5".
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?![\d])|\d+)(?:\.\d+)?|-?\.\d+")
+# A number, or a fraction a/b of a number and a plain decimal (not a date or a path: 1/2/3).
+_NUMBER_OR_FRACTION = re.compile(r"(" + _NUMBER.pattern + r")(?:\s*/\s*(\d+(?:\.\d+)?)(?![\d/]))?")
+# A thin space, \text{,} or {,} between digit groups: a thousands separator.
+_GROUP_SEPARATOR = re.compile(r"(?<=\d)(?:\\,|\\text\s*\{,\}|\{,\})(?=\d{3}(?!\d))")
 _TEXT_MACRO = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*"
                          r"\{([^{}]*)\}")
 _FRAC = re.compile(r"(?:(?<![\d.])(\d+)\s*)?\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*"
                    r"\{\s*(-?[\d.,]+)\s*\}")
 _PLAIN_FRACTION = re.compile(r"\s*(-?)\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*")
-_LATEX_NOISE = (("\\$", "$"), ("\\%", "%"), ("{,}", ","), ("\\!", ""), ("\\,", " "),
+_LATEX_NOISE = (("\u2212", "-"), ("\\$", "$"), ("\\%", "%"), ("{,}", ","), ("\\!", ""), ("\\,", " "),
                 ("\\;", " "), ("\\:", " "), ("\\ ", " "), ("\\left", ""), ("\\right", ""),
                 ("^\\circ", ""), ("^{\\circ}", ""), ("\\circ", ""), ("\\cdot", "*"),
                 ("\\times", "*"), ("\\approx", "="))
@@ -130,6 +141,7 @@ def _replace_frac(match: re.Match) -> str:
 def clean_latex(text: str) -> str:
   """Plain text of a LaTeX-ish answer: unwraps ``\\text{}``, evaluates numeric ``\\frac``,
   removes ``$``, ``%``, thin spaces, ``\\left``/``\\right`` and degree signs."""
+  text = _GROUP_SEPARATOR.sub(",", text)
   for _ in range(3):  # nested \text{\textbf{..}}
     text = _TEXT_MACRO.sub(r" \1 ", text)
   for old, new in _LATEX_NOISE:
@@ -140,15 +152,17 @@ def clean_latex(text: str) -> str:
 
 def find_numbers(text: str) -> list[str]:
   """Normalised numbers of plain ``text`` in order; a ``-`` glued to a word or digit (as in
-  ``5-3`` or ``x-2``) is a dash, not a sign."""
+  ``5-3`` or ``x-2``) is a dash, not a sign; ``a/b`` is one number (``1/5`` -> ``0.2``)."""
   numbers = []
-  for match in _NUMBER.finditer(text):
-    token, start = match.group(0), match.start()
-    if start > 0 and (text[start - 1].isalnum() or text[start - 1] in "._"):
+  for match in _NUMBER_OR_FRACTION.finditer(text):
+    token, denominator, start = match.group(1), match.group(2), match.start()
+    if start > 0 and (text[start - 1].isalnum() or text[start - 1] in "._/"):
       if not token.startswith("-"):
         continue  # the tail of a word or of a longer token (x2, v1.2.3)
       token = token[1:]
     number = normalize_number(token)
+    if number is not None and denominator is not None:
+      number = _fraction_text(fractions.Fraction(number), fractions.Fraction(denominator))
     if number is not None:
       numbers.append(number)
   return numbers
@@ -193,7 +207,12 @@ def extract_answer(text: str | None) -> str | None:
 
 
 def gold_answer(answer: str | int | float) -> str:
-  """The reference answer of a GSM8K row: what follows the last ``####``, normalised."""
+  """The reference answer of a GSM8K row: what follows the last ``####``, normalised (a
+  number as such: a chat row's ``"answer": 1e16``)."""
+  if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+    number = normalize_number(repr(answer))
+    if number is not None:
+      return number
   tail = str(answer).rsplit("####", 1)[-1].strip()
   numbers = find_numbers(clean_latex(tail))
   return numbers[0] if numbers else tail
