@@ -25,6 +25,10 @@ def test_prompt_is_evalplus_style(problems):
     ("def f():\n    return 1\n```\nThis works because...", "def f():\n    return 1\n"),
     ("def f():\n    return 1\n", "def f():\n    return 1\n"),  # truncated: no closing fence
     ("```\n\nHere it is:\n```python\ndef g():\n    pass\n```\n", "def g():\n    pass\n"),
+    # the pre-filled fence opened again; a fence inside a string does not end the code
+    ("```python\ndef f():\n    return 1\n```\nDone.", "def f():\n    return 1\n"),
+    ("```python\ndef f():\n    return 1\n```", "def f():\n    return 1\n"),
+    ("def f():\n    return 'a ``` b'\n```\n", "def f():\n    return 'a ``` b'\n"),
     ("", ""),
 ])
 def test_extract_code(output, expected):
@@ -32,11 +36,19 @@ def test_extract_code(output, expected):
 
 
 def test_strip_script_drops_demo_code():
-  code = ("import math\n\n@staticmethod\ndef f(x):\n    return x\n\nprint(f(1))\nassert f(2) == 3\n"
-          "if __name__ == '__main__':\n    f(input())\nLIMIT = 3\n")
+  code = ("import math\n\n@staticmethod\ndef f(x):\n    return min(x, LIMIT)\n\nprint(f(1))\n"
+          "assert f(2) == 3\nif __name__ == '__main__':\n    f(input())\nLIMIT = BASE + 1\n"
+          "BASE = 2\nvalue = input()\nexample = f(5)\n")
   kept = humaneval.strip_script(code)
   assert "print" not in kept and "assert" not in kept and "__main__" not in kept
-  assert "import math" in kept and "@staticmethod\ndef f(x)" in kept and "LIMIT = 3" in kept
+  assert "import math" in kept and "@staticmethod\ndef f(x)" in kept
+  # assignments the definitions read (also through each other) stay, the rest go: as EvalPlus
+  assert "LIMIT = BASE + 1" in kept and "BASE = 2" in kept
+  assert "input()" not in kept and "example" not in kept
+  # a parameter or local of the same name is not a use of the global
+  kept = humaneval.strip_script("def g(value):\n    total = value\n    return total\n"
+                                "value = input()\ntotal = 0\n")
+  assert "input()" not in kept and "total = 0" not in kept
   assert humaneval.strip_script("def broken(:\n") == "def broken(:\n"
 
 
@@ -49,6 +61,18 @@ def test_canonical_solutions_pass_as_body_and_as_script(problems):
     script = (problem["prompt"] + body + "\n\nif __name__ == '__main__':\n    print(input())\n"
               "print('demo')\n")
     assert humaneval.check(problem, script, timeout_s=5), task_id
+
+
+def test_a_body_cut_skips_unindented_lines_inside_strings(problems):
+  """HumanEval's stop rule (the first non-indented line) does not cut inside a string."""
+  problem = problems["HumanEval/0"]
+  body = ('    note = """\nfirst column inside a string\n"""\n'
+          "    return any(abs(a - b) < threshold for i, a in enumerate(numbers)\n"
+          "               for j, b in enumerate(numbers) if i != j)\n"
+          "print(has_close_elements([1.0], 0.5))\n")
+  program = humaneval.build_program(problem, body)
+  assert "first column inside a string" in program and "print(has_close" not in program
+  assert humaneval.check(problem, body, timeout_s=5)
 
 
 def test_only_the_target_function_is_needed(problems):

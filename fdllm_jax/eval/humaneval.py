@@ -34,9 +34,8 @@ RESPONSE_PREFIX = ("Below is a Python script with a self-contained function that
                    "problem and passes corresponding tests:")
 ASSISTANT_PREFIX = f"{RESPONSE_PREFIX}\n```python\n"
 
-_KEEP_TOP_LEVEL = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef,
-                   ast.ClassDef, ast.Assign, ast.AnnAssign)
-_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.S)
+_DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_ASSIGNMENTS = (ast.Assign, ast.AnnAssign)
 
 
 def build_messages(problem: dict, system_prompt: str | None = None) -> list[dict]:
@@ -50,14 +49,31 @@ def build_messages(problem: dict, system_prompt: str | None = None) -> list[dict
 def extract_code(output: str) -> str:
   """The code of a generation that started inside a ```` ```python ```` fence.
 
-  Keeps the text before the first closing fence; when that is empty (the model closed the
-  fence at once and opened another), takes the first fenced block after it.
+  The first non-blank fenced block: the lines up to the first line that starts with
+  ```` ``` ```` (a fence inside a line, e.g. in a string, does not end it). Before any code, a
+  fence with a language (```` ```python ````: the model opened the pre-filled fence again)
+  continues the block and a bare one closes it (the next fence opens a new block). An unclosed
+  block (a truncated generation) runs to the end.
   """
-  head, fence, tail = output.partition("```")
-  if head.strip() or not fence:
-    return head
-  match = _FENCE.search(tail.lstrip("`"))
-  return match.group(1) if match else ""
+  blocks, current, inside = [], [], True
+  for line in output.split("\n"):
+    fence = line.strip()
+    if fence.startswith("```"):
+      if not inside:
+        inside = True
+      elif "\n".join(current).strip():
+        blocks.append("\n".join(current))
+        inside = False
+      elif fence == "```":
+        inside = False
+      current = []
+      continue
+    if inside:
+      current.append(line)
+  if inside:
+    blocks.append("\n".join(current))
+  code = next((block for block in blocks if block.strip()), "")
+  return code + "\n" if code and not code.endswith("\n") else code
 
 
 def _defines(code: str, name: str) -> bool:
@@ -70,19 +86,49 @@ def _defines(code: str, name: str) -> bool:
 
 
 def strip_script(code: str) -> str:
-  """Top-level imports, definitions and assignments of ``code``; demo calls, prints, asserts and
-  ``if __name__ == "__main__"`` blocks are dropped. Code that does not parse is returned as is."""
+  """Top-level imports and definitions of ``code``, and the top-level assignments they use
+  (directly or through other kept assignments); demo calls, prints, asserts, ``input()``,
+  other assignments and ``if __name__ == "__main__"`` blocks are dropped (as EvalPlus'
+  sanitizer does). Code that does not parse is returned as is."""
   try:
     tree = ast.parse(code)
   except SyntaxError:
     return code
+  kept = {id(node) for node in tree.body if isinstance(node, _DEFINITIONS)}
+  used = set().union(*(_names_read(node) for node in tree.body if id(node) in kept))
+  changed = True
+  while changed:  # an assignment a kept one reads is kept too
+    changed = False
+    for node in tree.body:
+      if (isinstance(node, _ASSIGNMENTS) and id(node) not in kept
+          and _names_bound(node) & used):
+        kept.add(id(node))
+        used |= _names_read(node)
+        changed = True
   lines = code.splitlines()
-  kept = []
+  parts = []
   for node in tree.body:
-    if isinstance(node, _KEEP_TOP_LEVEL):
+    if id(node) in kept:
       first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-      kept.append("\n".join(lines[first - 1:node.end_lineno]))
-  return "\n\n".join(kept) + "\n"
+      parts.append("\n".join(lines[first - 1:node.end_lineno]))
+  return "\n\n".join(parts) + "\n"
+
+
+def _names_read(node: ast.AST) -> set[str]:
+  """Global names ``node`` may read: names loaded, less a function's parameters and locals."""
+  loaded = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+  if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    return loaded
+  local = {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)}
+  local |= {n.id for n in ast.walk(node)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+  declared_global = {name for n in ast.walk(node) if isinstance(n, ast.Global) for name in n.names}
+  return loaded - (local - declared_global)
+
+
+def _names_bound(node: ast.AST) -> set[str]:
+  targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+  return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
 
 
 def _prompt_with_stub(prompt: str) -> str:
@@ -98,14 +144,20 @@ def _prompt_with_stub(prompt: str) -> str:
   return stubbed
 
 
-def _body_only(completion: str) -> str:
-  """A function-body completion up to its first non-indented line (HumanEval's stop rule)."""
-  kept = []
-  for line in completion.splitlines():
-    if line.strip() and not line[0].isspace():
-      break
-    kept.append(line)
-  return "\n".join(kept) + "\n"
+def _body_only(prompt: str, completion: str) -> str:
+  """A function-body completion up to its first non-indented line (HumanEval's stop rule) that
+  is not inside a string: the first such cut after which the prompt and body parse (the first
+  cut at all when none does)."""
+  lines = completion.splitlines()
+  cuts = [i for i, line in enumerate(lines) if line.strip() and not line[0].isspace()]
+  for cut in cuts:
+    body = "\n".join(lines[:cut]) + "\n"
+    try:
+      ast.parse(prompt + body)
+      return body
+    except SyntaxError:
+      continue
+  return "\n".join(lines[:cuts[0]] if cuts else lines) + "\n"
 
 
 def build_program(problem: dict, completion: str) -> str:
@@ -118,7 +170,7 @@ def build_program(problem: dict, completion: str) -> str:
   if _defines(completion, entry):
     solution = _prompt_with_stub(problem["prompt"]) + "\n\n" + strip_script(completion)
   else:
-    solution = problem["prompt"] + _body_only(completion)
+    solution = problem["prompt"] + _body_only(problem["prompt"], completion)
   return f"{solution}\n\n{problem['test']}\n\ncheck({entry})\n"
 
 
