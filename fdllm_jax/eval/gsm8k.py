@@ -36,7 +36,8 @@ _TEXT_MACRO = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|ope
 _FRAC = re.compile(r"(?:(?<![\d.])(\d+)\s*)?\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*"
                    r"\{\s*(-?[\d.,]+)\s*\}")
 _PLAIN_FRACTION = re.compile(r"\s*(-?)\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*")
-_LATEX_NOISE = (("\u2212", "-"), ("\\$", "$"), ("\\%", "%"), ("{,}", ","), ("\\!", ""), ("\\,", " "),
+_LATEX_NOISE = (("\u2212", "-"),  # the Unicode minus
+                ("\\$", "$"), ("\\%", "%"), ("{,}", ","), ("\\!", ""), ("\\,", " "),
                 ("\\;", " "), ("\\:", " "), ("\\ ", " "), ("\\left", ""), ("\\right", ""),
                 ("^\\circ", ""), ("^{\\circ}", ""), ("\\circ", ""), ("\\cdot", "*"),
                 ("\\times", "*"), ("\\approx", "="))

@@ -6,9 +6,9 @@
   tokens back to the host), summed over batches; compilation is kept out by a warm-up call;
 * tokens per forward: generated tokens / (model forwards x rows of the batch): the tokens one
   row gets per forward (the rows on the device: with ``max_batch_size`` the prompts of a call
-  stream through that many rows). At batch size 1 it is the paper's tokens-per-forward; at larger batch
-  sizes rows that finished early lower it. ``tokens_per_batch_forward`` divides by forwards
-  only (how much one batched forward produced).
+  stream through that many rows). At batch size 1 it is the paper's tokens-per-forward; at
+  larger batch sizes rows that finished early lower it. ``tokens_per_batch_forward`` divides
+  by forwards only (how much one batched forward produced).
 
 The reference's evaluation also counts the padding written after a row's stop token as
 generated tokens, which inflates its tokens/s when answers end early (most of all in batches,

@@ -627,7 +627,8 @@ class Trainer:
         "pad_mask_token": config.pad_mask_token,
         "shuffle": config.shuffle,
         "seed": config.seed,
-        "optimizer": "clip+adamw" if config.max_grad_norm is not None else "adamw",  # state structure
+        # the optimiser state's structure
+        "optimizer": "clip+adamw" if config.max_grad_norm is not None else "adamw",
     })
 
   def run_settings(self) -> dict[str, Any]:
