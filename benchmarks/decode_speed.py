@@ -215,6 +215,7 @@ def measure_generate(args, model, config, prompts, on_record):
       on_record(dict(measure="generate", threshold=threshold, dual_cache=dual,
                           tokens_per_s=out.tokens_per_second, tokens=out.num_tokens,
                           forwards=out.num_forwards, tokens_per_forward=out.tokens_per_forward,
+                          tokens_per_row_forward=out.tokens_per_row_forward,
                           ms_per_forward=out.seconds / out.num_forwards * 1e3,
                           vs_ar_tokens_per_s=out.tokens_per_second / ar_tps,
                           host_syncs_per_token=out.host_syncs / out.num_tokens,
