@@ -57,13 +57,19 @@ def parse_args(argv):
                  help="write one JSON line per prompt here instead of printing the texts")
   p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   p.add_argument("--system", default=None, help="system message for --chat")
-  p.add_argument("--threshold", type=float, default=None)
-  p.add_argument("--max_new_tokens", type=int, default=None)
-  p.add_argument("--block_size", type=int, default=None)
-  p.add_argument("--sub_block_size", type=int, default=None)
-  p.add_argument("--temperature", type=float, default=None)
-  p.add_argument("--top_p", type=float, default=None)
-  p.add_argument("--seed", type=int, default=None)
+  p.add_argument("--threshold", type=float, default=None,
+                 help="confidence in (0, 1] to commit a token in parallel (DecodeConfig: 0.9)")
+  p.add_argument("--max_new_tokens", type=int, default=None,
+                 help="tokens to generate per prompt, at most (DecodeConfig: 256)")
+  p.add_argument("--block_size", type=int, default=None,
+                 help="block-diffusion block size (DecodeConfig: 32)")
+  p.add_argument("--sub_block_size", type=int, default=None,
+                 help="sub-block size, divides --block_size (DecodeConfig: 8)")
+  p.add_argument("--temperature", type=float, default=None,
+                 help="sampling temperature >= 0 (0: greedy, the default)")
+  p.add_argument("--top_p", type=float, default=None,
+                 help="nucleus in (0, 1] (with --temperature > 0)")
+  p.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature > 0)")
   p.add_argument("--dual_cache", action="store_true", help="DualCache (sub-block K/V cache)")
   p.add_argument("--ar", action="store_true", help="autoregressive decoding (the baseline)")
   p.add_argument("--show_steps", action="store_true",
@@ -139,10 +145,16 @@ def read_prompts_file(path: str) -> list[PromptEntry]:
   file is plain text, one prompt per non-blank line (a prompt with line breaks needs jsonl).
   Errors name the file and the line.
   """
+  if os.path.isdir(path):
+    raise ValueError(f"--prompts_file {path!r} is a directory; give a file")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--prompts_file {path!r} does not exist")
-  with open(path, encoding="utf-8") as f:
-    lines = [(number, line.rstrip("\r\n")) for number, line in enumerate(f, 1)]
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = [(number, line.rstrip("\r\n")) for number, line in enumerate(f, 1)]
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--prompts_file {path!r} is not UTF-8 text ({e.reason} at byte "
+                     f"{e.start})") from None
   lines = [(number, line) for number, line in lines if line.strip()]
   if path.endswith(".jsonl"):
     entries = [_jsonl_prompt(path, number, line) for number, line in lines]
@@ -213,6 +225,40 @@ def _check_output_flags(args) -> None:
   if args.output and args.show_steps:
     raise ValueError("--show_steps colours the printed texts and --output writes them to a file "
                      "instead: give one of them")
+  if args.output and os.path.isdir(args.output):
+    raise ValueError(f"--output {args.output!r} is a directory; give a file name (.jsonl)")
+  parent = os.path.dirname(os.path.abspath(args.output or "."))
+  while args.output and not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if args.output and not os.path.isdir(parent):
+    raise ValueError(f"--output {args.output!r}: {parent!r} is a file, not a directory")
+
+
+# Flags that only the block-diffusion engine reads, and those only --chat / --model read:
+# refused where they would be ignored.
+_DIFFUSION_FLAGS = ("threshold", "block_size", "sub_block_size")
+
+
+def _check_flag_combinations(args) -> None:
+  if args.ar:
+    given = [f"--{name}" for name in _DIFFUSION_FLAGS if getattr(args, name) is not None]
+    given += ["--dual_cache"] if args.dual_cache else []
+    if given:
+      raise ValueError(f"{', '.join(given)} set block-diffusion decoding, which --ar does not "
+                       f"run; drop them or --ar")
+  if args.model is None:
+    for name in ("tokenizer", "system"):
+      if getattr(args, name) is not None:
+        raise ValueError(f"--{name} needs --model (the demo models bring their own tokenizer "
+                         f"and chat format)")
+  elif args.system is not None and not args.chat:
+    raise ValueError("--system is a chat turn: it needs --chat")
+
+
+def _check_sampling_flags(args, config) -> None:
+  if config.temperature == 0 and (args.top_p is not None or args.seed is not None):
+    raise ValueError("--top_p and --seed shape sampling, which needs --temperature > 0 (greedy "
+                     "decoding ignores them)")
 
 
 def _resolve_dtype(name: str) -> str:
@@ -226,6 +272,7 @@ def _run(args) -> int:
   import fdllm_jax
 
   _check_output_flags(args)
+  _check_flag_combinations(args)
   entries = prompt_entries(args)
   if args.model is None:
     return _run_demo(args, entries)
@@ -234,7 +281,12 @@ def _run(args) -> int:
                      "bundled demo runs)")
   tokenizer = fdllm_jax.load_tokenizer(args.tokenizer or args.model)
   config = decode_config(args, tokenizer)
+  _check_sampling_flags(args, config)
   model = fdllm_jax.load_model(args.model, dtype=_resolve_dtype(args.dtype))
+  if not args.ar and model.config.model_type != "Fast_dLLM_Qwen":
+    print(f"warning: {args.model} is a {model.config.model_type} model, not trained for block "
+          f"diffusion (model_type Fast_dLLM_Qwen); --ar decodes it autoregressively",
+          file=sys.stderr)
   system = [{"role": "system", "content": args.system}] if args.system else []
 
   def encode(entry: PromptEntry) -> list[int]:
@@ -312,6 +364,7 @@ def _run_demo(args, entries: list[PromptEntry] | None) -> int:
     raise ValueError("--ar needs --model; without --model both engines run")
   tokenizer = fdllm_jax.load_tokenizer(demo.FAST_DLLM_DIR)
   config = decode_config(args, tokenizer)
+  _check_sampling_flags(args, config)
   dtype = _resolve_dtype(args.dtype)
   adapted = fdllm_jax.load_model(demo.FAST_DLLM_DIR, dtype=dtype)
   ar_base = fdllm_jax.load_model(demo.AR_BASE_DIR, dtype=dtype)
@@ -325,7 +378,8 @@ def _run_demo(args, entries: list[PromptEntry] | None) -> int:
                                                  max_batch_size=args.max_batch_size),
       "AR base": lambda: fdllm_jax.generate_ar(
           ar_base, prompts, max_new_tokens=config.max_new_tokens, stop_ids=config.stop_ids,
-          max_length=config.max_length, attention_impl=args.attention_impl,
+          temperature=config.temperature, top_p=config.top_p if config.temperature > 0 else 1.0,
+          seed=config.seed, max_length=config.max_length, attention_impl=args.attention_impl,
           max_batch_size=args.max_batch_size),
   }
   outs = {}

@@ -198,6 +198,8 @@ def initialize_distributed(coordinator_address: str | None = None,
   ``auto`` lets JAX detect the cluster (SLURM, Cloud TPU, Kubernetes, ...). On CPU the
   cross-process collectives use ``cpu_collectives`` (gloo). Must run before any other JAX call.
   """
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"num_processes must be >= 1; got {num_processes}")
   if not auto and (num_processes is None or num_processes <= 1):
     return
   if not auto:

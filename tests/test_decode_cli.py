@@ -172,11 +172,17 @@ def test_bad_prompts_files_name_the_line(tmp_path, content, message):
 def test_prompts_file_flag_errors(model_dir, capsys, tmp_path):
   path = tmp_path / "p.txt"
   path.write_text("x\n")
+  binary = tmp_path / "b.bin"
+  binary.write_bytes(b"\x9a\xff\x00")
   for argv, message in [
       (["--prompts_file", str(tmp_path / "missing.txt")], "does not exist"),
       (["--prompts_file", str(path), "--prompt", "y"], "give --prompt or --prompts_file"),
       (["--prompts_file", str(path), "--output", str(tmp_path / "o.jsonl"), "--show_steps"],
-       "give one of them")]:
+       "give one of them"),
+      (["--prompts_file", str(tmp_path)], "is a directory; give a file"),
+      (["--prompts_file", str(binary)], "is not UTF-8 text"),
+      (["--prompts_file", str(path), "--output", str(tmp_path)], "is a directory; give a file"),
+      (["--prompts_file", str(path), "--output", str(path / "o.jsonl")], "is a file, not a")]:
     code, _, err = _run(capsys, "--model", model_dir, *argv)
     assert code == 2 and message in err, err
   assert not (tmp_path / "o.jsonl").exists()
@@ -186,6 +192,13 @@ def test_prompts_file_flag_errors(model_dir, capsys, tmp_path):
     (["--threshold", "1.5"], r"threshold must be in \(0, 1\]; got 1.5"),
     (["--gin_param", "DecodeConfig.no_such_field = 1"], "bad gin configuration"),
     (["--gin_file", "/nonexistent.gin"], "does not exist"),
+    # flags that would be ignored are refused
+    (["--ar", "--threshold", "0.5", "--dual_cache"],
+     "--threshold, --dual_cache set block-diffusion decoding, which --ar does not run"),
+    (["--ar", "--sub_block_size", "4"], "--sub_block_size set block-diffusion decoding"),
+    (["--system", "be brief"], "--system is a chat turn: it needs --chat"),
+    (["--top_p", "0.5"], r"--top_p and --seed shape sampling, which needs --temperature > 0"),
+    (["--seed", "3"], "needs --temperature > 0"),
 ])
 def test_errors_are_readable(model_dir, capsys, argv, message):
   code, _, err = _run(capsys, "--model", model_dir, "--prompt", "x", *argv)
@@ -211,3 +224,19 @@ def test_token_pieces_rebuild_the_text():
   assert "".join(pieces) == tok.decode(ids) and len(pieces) == len(ids)
   text = viz.render_steps_ansi(tok, ids, list(range(1, len(ids) + 1)), legend=False)
   assert re.sub(r"\x1b\[[0-9;]*m", "", text) == tok.decode(ids)
+
+
+def test_a_model_not_trained_for_block_diffusion_gets_a_warning(model_dir, capsys):
+  from fdllm_jax import demo
+  common = ["--prompt", "x", "--max_new_tokens", "4", "--progress", "never"]
+  code, _, err = _run(capsys, "--model", demo.AR_BASE_DIR, *common)
+  assert code == 0 and "is a qwen2 model, not trained for block diffusion" in err, err
+  for argv in (["--model", demo.AR_BASE_DIR, "--ar"], ["--model", model_dir]):
+    code, _, err = _run(capsys, *argv, *common)
+    assert code == 0 and "warning" not in err, err
+
+
+def test_demo_mode_refuses_flags_it_would_ignore(capsys):
+  for flag in ("--tokenizer", "--system"):
+    code, _, err = _run(capsys, flag, "x")
+    assert code == 2 and f"{flag} needs --model" in err, err

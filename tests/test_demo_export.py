@@ -50,3 +50,25 @@ def test_scale_builds_lift_the_bundle_limit():
     assert "EXPORT_MAX_MIB=" in f.read()
   with open(os.path.join(REPO, "scripts", "build_demo.sh")) as f:
     assert '--max_mib "$EXPORT_MAX_MIB"' in f.read()
+
+
+def test_an_export_never_deletes_its_own_input(tmp_path):
+  """--out holding a stage (the default models/demo with --ar models/demo/ar_base) is refused
+  before anything is written; so is a stage of the wrong kind."""
+  import shutil
+  out = tmp_path / "bundle"
+  shutil.copytree(os.path.join(BUNDLE, "ar_base"), out / "ar_base")
+  before = sorted(os.listdir(out / "ar_base"))
+  with pytest.raises(ValueError, match="would be overwritten by the export"):
+    export.export(str(out / "ar_base"), os.path.join(BUNDLE, "fast_dllm"), str(out))
+  assert sorted(os.listdir(out / "ar_base")) == before
+  with pytest.raises(ValueError, match="expected a Fast_dLLM_Qwen model with bd_size; got "
+                     "model_type='qwen2'"):
+    export.export(os.path.join(BUNDLE, "ar_base"), os.path.join(BUNDLE, "ar_base"),
+                  str(tmp_path / "other"))
+  assert not (tmp_path / "other").exists()
+  code = export.main(["--ar", str(out / "ar_base"), "--adapted",
+                      os.path.join(BUNDLE, "fast_dllm"), "--out", str(out)])
+  assert code == 2 and sorted(os.listdir(out / "ar_base")) == before
+  with pytest.raises(SystemExit):
+    export.main(["--ar", "a", "--adapted", "b", "--max_mib", "nan"])

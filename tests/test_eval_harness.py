@@ -179,6 +179,19 @@ def test_bad_command_lines(argv, message, capsys):
   assert message in capsys.readouterr().err
 
 
+def test_run_time_errors_are_one_line(tmp_path, capsys):
+  """A missing model or an --out that is a file: 'error: ...' and status 2, no traceback."""
+  common = ["--task", "gsm8k", "--limit", "1", "--max_new_tokens", "4", "--no_progress"]
+  assert harness.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+                       *common]) == 2
+  assert capsys.readouterr().err.startswith("error: ")
+  (tmp_path / "afile").write_text("x")
+  assert harness.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "afile"),
+                       *common]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --out") and "is a file" in err
+
+
 @pytest.fixture
 def fake_backend(monkeypatch):
   """main() with the canned generator in place of a model; records the run configs."""

@@ -146,3 +146,8 @@ def test_decoding_a_model_sharded_over_a_mesh_equals_one_device(tiny_qwen_dir):
   for run in runs:
     got, want = run(sharded), run(plain)
     assert got.tokens == want.tokens and got.num_forwards == want.num_forwards
+
+
+def test_num_processes_below_one_is_an_error():
+  with pytest.raises(ValueError, match="num_processes must be >= 1; got 0"):
+    sharding.initialize_distributed("127.0.0.1:1234", 0, 0)

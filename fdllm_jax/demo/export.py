@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from typing import Sequence
 
 from fdllm_jax.config import REFERENCE_AUTO_MAP
@@ -30,10 +31,25 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 MAX_TOTAL_BYTES = 20 * 1024 * 1024
 
 
-def _copy_checkpoint(source: str, target: str) -> None:
+def _check_source(source: str, target: str, model_type: str, needs_bd_size: bool) -> None:
+  """Before anything is written: the stage's files and model type, and that replacing
+  ``target`` cannot delete ``source`` (the same directory, or one inside the other)."""
   for name in ("config.json", "model.safetensors", "tokenizer.json"):
     if not os.path.isfile(os.path.join(source, name)):
       raise FileNotFoundError(f"{source}: no {name}; is it a finished stage's export directory?")
+  with open(os.path.join(source, "config.json")) as f:
+    config = json.load(f)
+  if config.get("model_type") != model_type or (needs_bd_size and not config.get("bd_size")):
+    raise ValueError(f"{source}: expected a {model_type} model"
+                     f"{' with bd_size' if needs_bd_size else ''}; got model_type="
+                     f"{config.get('model_type')!r}, bd_size={config.get('bd_size')!r}")
+  real_source, real_target = os.path.realpath(source), os.path.realpath(target)
+  if os.path.commonpath([real_source, real_target]) in (real_source, real_target):
+    raise ValueError(f"{source} would be overwritten by the export to {target}: export to "
+                     f"another --out, or copy the stage elsewhere first")
+
+
+def _copy_checkpoint(source: str, target: str) -> None:
   if os.path.isdir(target):
     shutil.rmtree(target)
   os.makedirs(target)
@@ -57,25 +73,20 @@ def export(ar_dir: str, adapted_dir: str, out_dir: str,
   """Copies both stages to ``out_dir/ar_base`` and ``out_dir/fast_dllm``; returns the paths."""
   from fdllm_jax import load_tokenizer
 
+  if not max_bytes > 0:
+    raise ValueError(f"the size limit must be a positive number of bytes; got {max_bytes!r}")
   ar_out, adapted_out = os.path.join(out_dir, "ar_base"), os.path.join(out_dir, "fast_dllm")
+  for source, kind in ((ar_dir, ("qwen2", False)), (adapted_dir, ("Fast_dLLM_Qwen", True))):
+    for target in (ar_out, adapted_out):
+      _check_source(source, target, *kind)
   _copy_checkpoint(ar_dir, ar_out)
   _copy_checkpoint(adapted_dir, adapted_out)
   tokenizer = load_tokenizer(adapted_out)
 
-  def ar_edit(config):
-    if config.get("model_type") != "qwen2":
-      raise ValueError(f"{ar_dir}: the AR base should be a qwen2 model; got "
-                       f"{config.get('model_type')!r}")
-
   def adapted_edit(config):
-    if config.get("model_type") != "Fast_dLLM_Qwen" or not config.get("bd_size"):
-      raise ValueError(f"{adapted_dir}: the adapted model should be Fast_dLLM_Qwen with bd_size; "
-                       f"got model_type={config.get('model_type')!r}, "
-                       f"bd_size={config.get('bd_size')!r}")
     config["auto_map"] = dict(REFERENCE_AUTO_MAP)
     config["mask_token_id"] = tokenizer.mask_id
 
-  _edit_config(ar_out, ar_edit)
   _edit_config(adapted_out, adapted_edit)
   total = sum(os.path.getsize(os.path.join(d, n)) for d in (ar_out, adapted_out)
               for n in os.listdir(d))
@@ -85,7 +96,7 @@ def export(ar_dir: str, adapted_dir: str, out_dir: str,
   return {"ar_base": ar_out, "fast_dllm": adapted_out, "total_mib": f"{total / 2**20:.2f}"}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description="Copies the demo's trained stages to models/demo.")
   parser.add_argument("--ar", required=True, help="stage 1 export directory")
   parser.add_argument("--adapted", required=True, help="stage 2 export directory")
@@ -94,8 +105,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="size limit of the two checkpoints together (the bundle's: 20; "
                       "larger for scale tests that are not bundled)")
   args = parser.parse_args(argv)
-  print(json.dumps(export(args.ar, args.adapted, args.out, max_bytes=int(args.max_mib * 2**20))))
+  if not 0 < args.max_mib < float("inf"):
+    parser.error(f"--max_mib must be a positive number; got {args.max_mib}")
+  try:
+    result = export(args.ar, args.adapted, args.out, max_bytes=int(args.max_mib * 2**20))
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(result))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

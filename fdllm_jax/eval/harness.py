@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from fdllm_jax.eval import data, gsm8k, humaneval
+from fdllm_jax import cli
 from fdllm_jax.eval.throughput import Throughput, truncate_at_stop
 
 # What Qwen2.5-Instruct's own chat template inserts when the conversation has no system turn;
@@ -307,15 +308,21 @@ def _device() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  task = TASKS[args.task]
   try:
-    rows = data.load_task_data(args.task, args.data, args.limit)
-  except data.DataError as e:
+    return _run(args, argv)
+  except (data.DataError, *cli.USER_ERRORS) as e:  # a bad path, value or model: one line
     print(f"error: {e}", file=sys.stderr)
     return 2
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+  task = TASKS[args.task]
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise ValueError(f"--out {args.out!r} is a file; give a directory for the results")
+  rows = data.load_task_data(args.task, args.data, args.limit)
   plans = plan_runs(args)
+  os.makedirs(args.out, exist_ok=True)  # before the model loads: a bad --out fails at once
   tokenizer, model = load_backend(args)
-  os.makedirs(args.out, exist_ok=True)
   score_kwargs = ({"timeout_s": args.timeout, "memory_mb": args.memory_mb}
                   if args.task == "humaneval" else {})
   summaries = []
