@@ -234,8 +234,7 @@ def _check_output_flags(args) -> None:
     raise ValueError(f"--output {args.output!r}: {parent!r} is a file, not a directory")
 
 
-# Flags that only the block-diffusion engine reads, and those only --chat / --model read:
-# refused where they would be ignored.
+# Flags only the block-diffusion engine reads: refused with --ar, which would ignore them.
 _DIFFUSION_FLAGS = ("threshold", "block_size", "sub_block_size")
 
 
