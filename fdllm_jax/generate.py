@@ -55,7 +55,6 @@ import collections
 import dataclasses
 import functools
 import math
-import numbers
 import threading
 import time
 import weakref
@@ -69,6 +68,7 @@ from flax import nnx
 from flax import struct
 
 from fdllm_jax import masks as masks_lib
+from fdllm_jax.checks import is_int as _is_int, is_real as _is_real
 from fdllm_jax import sampling
 from fdllm_jax.cache import KVCache
 from fdllm_jax.scoring import check_token_ids
@@ -77,14 +77,6 @@ _NO_BUDGET = 2**30  # "run to the end" for the chunk budget
 
 
 # --------------------------------------------------------------------------------------- config
-
-def _is_int(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fdllm_jax import checks
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
@@ -57,8 +59,7 @@ def check_mesh_shape(mesh_shape: Sequence[int]) -> None:
     raise ValueError(f"mesh_shape must be 3 integers (data, fsdp, tensor); got {mesh_shape!r}")
   if len(mesh_shape) != 3:
     raise ValueError(f"mesh_shape must have 3 entries (data, fsdp, tensor); got {mesh_shape}")
-  is_int = lambda s: isinstance(s, (int, np.integer)) and not isinstance(s, bool)
-  if (not all(is_int(s) for s in mesh_shape) or list(mesh_shape).count(-1) > 1
+  if (not all(checks.is_int(s) for s in mesh_shape) or list(mesh_shape).count(-1) > 1
       or any(s == 0 or s < -1 for s in mesh_shape)):
     raise ValueError(f"mesh_shape {tuple(mesh_shape)}: entries must be positive integers, with "
                      f"at most one -1 (inferred)")

@@ -31,9 +31,8 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 MAX_TOTAL_BYTES = 20 * 1024 * 1024
 
 
-def _check_source(source: str, target: str, model_type: str, needs_bd_size: bool) -> None:
-  """Before anything is written: the stage's files and model type, and that replacing
-  ``target`` cannot delete ``source`` (the same directory, or one inside the other)."""
+def _check_stage(source: str, model_type: str, needs_bd_size: bool) -> None:
+  """A finished stage's export: its files, and the model type the bundle expects there."""
   for name in ("config.json", "model.safetensors", "tokenizer.json"):
     if not os.path.isfile(os.path.join(source, name)):
       raise FileNotFoundError(f"{source}: no {name}; is it a finished stage's export directory?")
@@ -43,6 +42,11 @@ def _check_source(source: str, target: str, model_type: str, needs_bd_size: bool
     raise ValueError(f"{source}: expected a {model_type} model"
                      f"{' with bd_size' if needs_bd_size else ''}; got model_type="
                      f"{config.get('model_type')!r}, bd_size={config.get('bd_size')!r}")
+
+
+def _check_apart(source: str, target: str) -> None:
+  """Replacing ``target`` must not delete ``source`` (the same directory, or one inside the
+  other)."""
   real_source, real_target = os.path.realpath(source), os.path.realpath(target)
   if os.path.commonpath([real_source, real_target]) in (real_source, real_target):
     raise ValueError(f"{source} would be overwritten by the export to {target}: export to "
@@ -76,9 +80,12 @@ def export(ar_dir: str, adapted_dir: str, out_dir: str,
   if not max_bytes > 0:
     raise ValueError(f"the size limit must be a positive number of bytes; got {max_bytes!r}")
   ar_out, adapted_out = os.path.join(out_dir, "ar_base"), os.path.join(out_dir, "fast_dllm")
-  for source, kind in ((ar_dir, ("qwen2", False)), (adapted_dir, ("Fast_dLLM_Qwen", True))):
+  # Everything is checked before the first directory is replaced.
+  _check_stage(ar_dir, "qwen2", needs_bd_size=False)
+  _check_stage(adapted_dir, "Fast_dLLM_Qwen", needs_bd_size=True)
+  for source in (ar_dir, adapted_dir):
     for target in (ar_out, adapted_out):
-      _check_source(source, target, *kind)
+      _check_apart(source, target)
   _copy_checkpoint(ar_dir, ar_out)
   _copy_checkpoint(adapted_dir, adapted_out)
   tokenizer = load_tokenizer(adapted_out)

@@ -50,6 +50,7 @@ from etils import epath
 from flax import nnx
 
 from fdllm_jax import attention as attention_lib
+from fdllm_jax import checks
 from fdllm_jax import sharding as sharding_lib
 from fdllm_jax.checkpoints import keep_on_host, load_model, save_hf
 from fdllm_jax.config import ModelConfig
@@ -175,7 +176,7 @@ class TrainConfig:
     for name in ("num_steps", "global_batch_size", "grad_accum_steps", "checkpoint_every",
                  "keep_checkpoints", "seq_len", "block_size", "vocab_multiple"):
       value = getattr(self, name)
-      if not _is_int(value) or value < 1:
+      if not checks.is_int(value) or value < 1:
         raise ValueError(f"TrainConfig.{name} must be a positive integer; got {value!r}")
     self._validate_optimisation()
     for name in ("pad_mask_token", "shuffle", "remat", "async_checkpointing", "progress_bar",
@@ -214,7 +215,7 @@ class TrainConfig:
   def _validate_optimisation(self) -> None:
     """The optimiser's numbers: each out-of-range value would train silently wrong (a negative
     clip norm or learning rate ascends; adam_eps = 0 or b = 1 give NaN)."""
-    checks = (
+    ranges = (
         ("learning_rate", "a finite number >= 0", lambda x: x >= 0),
         ("min_lr_ratio", "a number in [0, 1]", lambda x: 0 <= x <= 1),
         ("warmup_ratio", "a number in [0, 1]", lambda x: 0 <= x <= 1),
@@ -223,7 +224,7 @@ class TrainConfig:
         ("adam_b2", "a number in [0, 1)", lambda x: 0 <= x < 1),
         ("adam_eps", "a finite number > 0", lambda x: x > 0),
     )
-    for name, accepted, in_range in checks:
+    for name, accepted, in_range in ranges:
       value = getattr(self, name)
       if not _is_real(value) or not in_range(value):
         raise ValueError(f"TrainConfig.{name} must be {accepted}; got {value!r}")
@@ -232,10 +233,10 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.max_grad_norm must be a finite number > 0, or None for no "
                        f"clipping; got {clip!r}")
     warmup = self.warmup_steps
-    if warmup is not None and (not _is_int(warmup) or warmup < 0):
+    if warmup is not None and (not checks.is_int(warmup) or warmup < 0):
       raise ValueError(f"TrainConfig.warmup_steps must be an integer >= 0, or None for "
                        f"warmup_ratio x num_steps; got {warmup!r}")
-    if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+    if not checks.is_int(self.seed) or not 0 <= self.seed < 2**32:
       raise ValueError(f"TrainConfig.seed must be an integer in [0, 2**32) (larger seeds wrap "
                        f"around); got {self.seed!r}")
 
@@ -251,14 +252,9 @@ class TrainConfig:
     return int(math.ceil(self.warmup_ratio * self.num_steps))
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _is_real(value) -> bool:
   """A finite int or float, not a bool."""
-  return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-          and math.isfinite(value))
+  return checks.is_real(value) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------- params <-> model
