@@ -179,6 +179,20 @@ def test_bad_command_lines(argv, message, capsys):
   assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--block_size", "16"], ["--sub_block_size", "4"],
+                                   ["--dual_cache"], ["--block_size", "16", "--dual_cache"]])
+def test_ar_alone_refuses_the_block_diffusion_flags(flags, capsys):
+  common = ["--model", "m", "--task", "gsm8k", "--out", "o"]
+  with pytest.raises(SystemExit):
+    harness.parse_args([*common, "--ar", *flags])
+  err = capsys.readouterr().err
+  assert "with --ar alone" in err and "would be ignored" in err and flags[0] in err
+  args = harness.parse_args([*common, "--ar", "--threshold", "0.9", *flags])  # beside a dLLM run
+  assert (args.block_size, args.sub_block_size) == (
+      int(flags[1]) if flags[0] == "--block_size" else 32,
+      int(flags[1]) if flags[0] == "--sub_block_size" else 8)
+
+
 def test_run_time_errors_are_one_line(tmp_path, capsys):
   """A missing model or an --out that is a file: 'error: ...' and status 2, no traceback."""
   common = ["--task", "gsm8k", "--limit", "1", "--max_new_tokens", "4", "--no_progress"]

@@ -214,8 +214,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                            "1.0, the reference's accuracy setting; 0.9 is its speed setting)")
   parser.add_argument("--ar", action="store_true",
                       help="autoregressive baseline (alone, or beside --threshold runs)")
-  parser.add_argument("--block_size", type=_positive, default=32)
-  parser.add_argument("--sub_block_size", type=_positive, default=8)
+  parser.add_argument("--block_size", type=_positive, help="default 32")
+  parser.add_argument("--sub_block_size", type=_positive, help="default 8")
   parser.add_argument("--dual_cache", action="store_true", help="sub-block DualCache")
   parser.add_argument("--batch_size", type=_positive, default=1,
                       help="prompts per generate call (one batch, or see --max_batch_size)")
@@ -236,11 +236,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="time the first batch too (compilation included)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
+  if args.ar and not args.threshold:
+    # flags only block-diffusion runs read: with --ar alone they would be ignored silently
+    ignored = [f"--{name}" for name in ("block_size", "sub_block_size", "dual_cache")
+               if getattr(args, name)]
+    if ignored:
+      parser.error(f"with --ar alone, {' '.join(ignored)} would be ignored: block-diffusion "
+                   "runs read them (add --threshold to run one beside AR)")
+  args.block_size = 32 if args.block_size is None else args.block_size
+  args.sub_block_size = 8 if args.sub_block_size is None else args.sub_block_size
   if args.block_size % args.sub_block_size:
     parser.error(f"--sub_block_size {args.sub_block_size} must divide --block_size "
                  f"{args.block_size}")
-  if args.ar and args.dual_cache and not args.threshold:
-    parser.error("--dual_cache applies to block-diffusion runs; with --ar alone it does nothing")
   if not args.timeout > 0:
     parser.error(f"--timeout must be > 0; got {args.timeout}")
   return args
