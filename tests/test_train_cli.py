@@ -1,11 +1,13 @@
-"""train.py: the tiny config learns, bad input gives a readable error, multi-process == single.
+"""train.py: the tiny config learns, bad input gives a readable error, multi-process == single,
+a multi-process run resumes on one process.
 
-Slow ones (the full tiny_cpu.gin run, the real 2-process run):
+Slow ones (the full tiny_cpu.gin run, the real 2-process runs):
 ``pytest -m slow tests/test_train_cli.py``.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -179,26 +181,35 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-  """jax.distributed on 127.0.0.1 with gloo: 2 processes x 2 CPU devices vs 1 process x 4."""
-  params = QUIET + ["TrainConfig.num_steps = 6", "TrainConfig.checkpoint_every = 3",
-                    "TrainConfig.seq_len = 64", "TrainConfig.mesh_shape = (2, 1, 2)"]
+def _two_processes(workdir, params):
+  """train.py as 2 jax.distributed processes (gloo on 127.0.0.1) of 2 CPU devices each."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  single = _train(_args(tmp_path / "single", params), env=env)
-  assert single.returncode == 0, single.stderr[-3000:]
-
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
   port = _free_port()
   procs = [subprocess.Popen(
-      [sys.executable, "train.py"] + _args(tmp_path / "multi", params) +
+      [sys.executable, "train.py"] + _args(workdir, params) +
       ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
        "--process_id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
+  return outputs
+
+
+def _four_devices():
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS="--xla_force_host_platform_device_count=4")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  """jax.distributed on 127.0.0.1 with gloo: 2 processes x 2 CPU devices vs 1 process x 4."""
+  params = QUIET + ["TrainConfig.num_steps = 6", "TrainConfig.checkpoint_every = 3",
+                    "TrainConfig.seq_len = 64", "TrainConfig.mesh_shape = (2, 1, 2)"]
+  single = _train(_args(tmp_path / "single", params), env=_four_devices())
+  assert single.returncode == 0, single.stderr[-3000:]
+  outputs = _two_processes(tmp_path / "multi", params)
   assert "over 2 process(es)" in outputs[0][0]
   np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"),
                              rtol=1e-6)
@@ -209,3 +220,29 @@ def test_two_processes_match_one_process(tmp_path):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumes_on_one_process_and_another_mesh(tmp_path):
+  """Preempted on 2 hosts, resumed on 1 whose devices form another mesh: the parameters,
+  optimiser state and both processes' data positions carry over, and the run goes on as the
+  uninterrupted one."""
+  params = QUIET + ["TrainConfig.num_steps = 6", "TrainConfig.checkpoint_every = 3",
+                    "TrainConfig.seq_len = 64", "TrainConfig.export = False"]
+  two_hosts = ["TrainConfig.mesh_shape = (2, 1, 2)"]
+  one_host = ["TrainConfig.mesh_shape = (1, 4, 1)"]
+  single = _train(_args(tmp_path / "single", params + two_hosts), env=_four_devices())
+  assert single.returncode == 0, single.stderr[-3000:]
+  workdir = tmp_path / "multi"
+  _two_processes(workdir, params + two_hosts)
+  data_states = [f for f in os.listdir(workdir / "checkpoints" / "3" / "data")
+                 if f.startswith("process_")]
+  assert sorted(data_states) == ["process_0-of-2.json", "process_1-of-2.json"]
+  shutil.rmtree(workdir / "checkpoints" / "6")  # preempted before its last save
+  resumed = _train(_args(workdir, params + one_host), env=_four_devices())
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr and "step 3" in resumed.stderr
+  assert "mesh_shape: [2, 1, 2] -> [1, 4, 1]" in resumed.stderr, resumed.stderr[-3000:]
+  assert [m["step"] for m in trainer_lib.read_metrics(str(workdir))] == [1, 2, 3, 4, 5, 6]
+  # fsdp instead of data parallelism sums in another order: float32 noise, not 1e-6 equal
+  np.testing.assert_allclose(_losses(workdir), _losses(tmp_path / "single"), rtol=1e-5)
