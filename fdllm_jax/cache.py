@@ -53,7 +53,8 @@ def write(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start) -> jax.Array:
   """
   new_BxTxKxD = new_BxTxKxD.astype(cache_BxSxKxD.dtype)
   start = jnp.asarray(start, jnp.int32)
+  zero = jnp.zeros((), jnp.int32)  # not a Python 0: int64 under jax_enable_x64
   if start.ndim == 0:
-    return jax.lax.dynamic_update_slice(cache_BxSxKxD, new_BxTxKxD, (0, start, 0, 0))
-  update_row = lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0))
+    return jax.lax.dynamic_update_slice(cache_BxSxKxD, new_BxTxKxD, (zero, start, zero, zero))
+  update_row = lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, zero, zero))
   return jax.vmap(update_row)(cache_BxSxKxD, new_BxTxKxD, start)

@@ -28,7 +28,8 @@ group without atomics or a second pass.
 Numerics: scores, softmax statistics and accumulators in float32; scores are kept in the
 base-2 domain (``exp2``, scale folded with log2 e); probabilities are cast to the value
 dtype before the P @ V matmul, as in the xla reference. Residuals for the backward are
-O and the per-row log-sum-exp (base 2).
+O in float32 (a second output of the forward for low-precision inputs) and the per-row
+log-sum-exp (base 2).
 
 Shapes: q [B, T, Hq, D], k/v [B, S, Hkv, D], Hq a multiple of Hkv (query head h uses kv head
 h // (Hq // Hkv)). T and S need not be multiples of the tiles: inputs are zero-padded to the
@@ -384,7 +385,7 @@ def _call(kernel, geom: _Geometry, *, grid, in_specs, out_specs, out_shape, args
 # Forward kernel: grid (query tiles, query heads, batch).
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, geom: _Geometry):
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: _Geometry):
   tq, tk = geom.tiling.fwd_q, geom.tiling.fwd_k
   n_q_tiles = geom.t_pad // tq
   i = n_q_tiles - 1 - pl.program_id(0)  # heaviest tiles (last rows) first
@@ -414,26 +415,33 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, geom: _Geometry):
   acc, m, l = _loop_segments(geom.key_segments(i, tq, tk), body, carry)
   visited = l > 0.0   # false only for rows of a tile that has no valid query at all
   l_safe = jnp.where(visited, l, 1.0)
-  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  o = acc / l_safe[:, None]
+  o_ref[...] = o.astype(o_ref.dtype)
   lse_ref[...] = jnp.where(visited, m + jnp.log2(l_safe), 0.0)
+  if o32_ref:  # the backward's residual (see _flash_fwd)
+    o32_ref[0][...] = o
 
 
-def _forward(q, k, v, geom: _Geometry):
+def _forward(q, k, v, geom: _Geometry, *, float32_out: bool = False):
+  """(o, lse), and o in float32 as a third output with ``float32_out``."""
   b, t_pad, hq, d = q.shape
   tq = geom.tiling.fwd_q
   nq, group = t_pad // tq, geom.group
   rev = lambda i: nq - 1 - i  # noqa: E731  (same order as the kernel's program ids)
   q_spec = pl.BlockSpec((None, tq, None, d), lambda i, h, bb: (bb, rev(i), h, 0))
   kv_spec = pl.BlockSpec((None, geom.s_pad, None, d),
-                         lambda i, h, bb: (bb, 0, lax.div(h, group), 0))
+                         lambda i, h, bb: (bb, 0, cm.idiv(h, group), 0))
   lse_spec = pl.BlockSpec((None, None, tq), lambda i, h, bb: (bb, h, rev(i)))
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((b, hq, t_pad), jnp.float32)]
-  o, lse = _call(functools.partial(_fwd_kernel, geom=geom), geom, grid=(nq, hq, b),
-                 in_specs=[q_spec, kv_spec, kv_spec], out_specs=[q_spec, lse_spec],
-                 out_shape=out_shape, args=(q, k, v), num_warps=geom.tiling.fwd_warps,
-                 name=f"block_attention_fwd_{geom.kind}")
-  return o, lse
+  out_specs = [q_spec, lse_spec]
+  if float32_out:
+    out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    out_specs.append(q_spec)
+  return _call(functools.partial(_fwd_kernel, geom=geom), geom, grid=(nq, hq, b),
+               in_specs=[q_spec, kv_spec, kv_spec], out_specs=out_specs,
+               out_shape=out_shape, args=(q, k, v), num_warps=geom.tiling.fwd_warps,
+               name=f"block_attention_fwd_{geom.kind}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,7 +526,7 @@ def _backward(q, k, v, o, lse, do, geom: _Geometry):
   nq = t_pad // tq
   rev = lambda i: nq - 1 - i  # noqa: E731
   q_spec = pl.BlockSpec((None, tq, None, d), lambda i, h, bb: (bb, rev(i), h, 0))
-  kv_spec = pl.BlockSpec((None, s_pad, None, d), lambda i, h, bb: (bb, 0, lax.div(h, group), 0))
+  kv_spec = pl.BlockSpec((None, s_pad, None, d), lambda i, h, bb: (bb, 0, cm.idiv(h, group), 0))
   row_spec = pl.BlockSpec((None, None, tq), lambda i, h, bb: (bb, h, rev(i)))
   [dq] = _call(functools.partial(_dq_kernel, geom=geom), geom, grid=(nq, hq, b),
                in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
@@ -547,8 +555,15 @@ def _flash(q, k, v, geom):
 
 
 def _flash_fwd(q, k, v, geom):
-  o, lse = _forward(q, k, v, geom)
-  return o, (q, k, v, o, lse)
+  # dS = P (dP - delta) subtracts delta = rowsum(o * do) from dP's values of about its size:
+  # from a bfloat16 o the rounding dominated the bf16 dq / dk error (3x xla's at T = 2, ~10%
+  # above it at T >= 56; FlashAttention-2 and cuDNN keep the low-precision o). The float32 o
+  # costs 4 bytes per output element, written once per query tile.
+  if q.dtype == jnp.float32:
+    o, lse = _forward(q, k, v, geom)
+    return o, (q, k, v, o, lse)
+  o, lse, o32 = _forward(q, k, v, geom, float32_out=True)
+  return o, (q, k, v, o32, lse)
 
 
 def _flash_bwd(geom, residuals, do):

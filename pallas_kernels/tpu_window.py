@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _common as cm
+
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # as the xla reference: finite
 NUM_LANES = 128
 _MAX_QUERY_ROWS = 512  # rows (G * bt) of one query tile
@@ -161,7 +163,7 @@ def visited_key_tiles(kv_lengths_B, q_offset_B, *, num_queries: int, num_heads: 
 def kv_block_index(j, limit, bk: int):
   """The K/V tile fetched at key step ``j``: clamped to the last tile below ``limit``, so
   steps past it revisit the same block index (Pallas skips the copy)."""
-  last = jnp.maximum(jax.lax.div(limit + (bk - 1), bk) - 1, 0)
+  last = jnp.maximum(cm.icdiv(limit, bk) - 1, 0)
   return jnp.minimum(j, last)
 
 

@@ -7,6 +7,7 @@ step; the DualCache one follows spec 4.6 literally with two cache objects and Py
 
 import importlib
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -477,6 +478,20 @@ def test_tiny_top_p_keeps_only_the_top_token(plain_model):
   nucleus_of_one = fdllm_jax.generate_ar(plain_model, prompts, max_new_tokens=12, stop_ids=(),
                                          temperature=1.0, top_p=1e-6, seed=5)
   assert nucleus_of_one.tokens == greedy.tokens
+
+
+def test_jax_enable_x64_decodes_the_same_tokens(confident_model):
+  """A notebook that turned on 64-bit JAX: Python integers become int64 inside the jitted loop
+  (the cache's dynamic_update_slice refused int64 beside int32 indices)."""
+  runs = []
+  for x64 in (True, False):  # 64-bit first: generate's executable cache would serve the other
+    with jax.enable_x64(x64):
+      runs.append([fdllm_jax.generate(confident_model, prompts, _config(use_dual_cache=dual)).tokens
+                   for prompts in ([_prompt(5)], [_prompt(5), _prompt(37, seed=1)])
+                   for dual in (False, True)])
+      runs[-1].append(fdllm_jax.generate_ar(confident_model, [_prompt(37, seed=1)],
+                                            max_new_tokens=12, stop_ids=(STOP,)).tokens)
+  assert runs[0] == runs[1]
 
 
 # ----------------------------------------------------------------------------- compilation

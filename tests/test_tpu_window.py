@@ -62,6 +62,19 @@ def test_kernel_matches_reference_and_ignores_stale_slots(name, mask, num_q, num
   assert _rel(via_entry, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("mask", [masks.Full(), masks.BlockCausal(32)])
+def test_kernel_runs_with_jax_enable_x64(mask):
+  """The K/V index map divided an int32 length by a Python int, int64 under 64-bit JAX."""
+  q, (k, v), _ = _case(7, 2, 24, 160, 4, 2, 32, (24, 150))
+  offsets, lengths = jnp.asarray([0, 128], jnp.int32), jnp.asarray([24, 150], jnp.int32)
+  fn = splash.kernel_mask_fn(mask)
+  with jax.enable_x64(True):
+    got = tpu_window.window_attention(q, k, v, lengths, offsets, mask_fn=fn,
+                                      key_bound_fn=splash.key_bound_fn(mask), interpret=True)
+  want = tpu_window.window_attention_reference(q, k, v, lengths, offsets, mask_fn=fn)
+  assert _rel(got, want) <= 1e-5
+
+
 def test_bfloat16_close_to_reference():
   q, (k, v), _ = _case(7, 2, 32, 256, 4, 2, 64, (64, 256), dtype=jnp.bfloat16)
   lengths, offsets = jnp.asarray([64, 256]), jnp.asarray([32, 224])
