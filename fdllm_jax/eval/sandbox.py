@@ -8,7 +8,8 @@ What the child does (and what it reports back in ``SandboxResult.isolation``):
 
 * **time**: a timer of ``timeout_s`` in the child (SIGALRM), an RLIMIT_CPU of the same, and a
   wall-clock deadline in the parent (``timeout_s`` + a start-up grace) after which the whole
-  process group is killed;
+  process group is killed (a program that blocks SIGALRM and SIGXCPU meets the CPU limit's
+  SIGKILL: also reported as 'timeout');
 * **memory**: RLIMIT_AS = ``memory_mb`` (a 10 GiB allocation raises MemoryError);
 * **files**: the working directory is a fresh temporary directory; RLIMIT_FSIZE caps any file
   (output included). As root, the child enters a private mount namespace in which every mount
@@ -111,6 +112,8 @@ def run_python(source: str, *, timeout_s: float = 10.0, memory_mb: int = 2048,
     with open(log_path, "rb") as f:
       f.seek(max(0, os.path.getsize(log_path) - _OUTPUT_TAIL))
       output = f.read().decode("utf-8", "replace")
+  timed_out = timed_out or (_signal_of(proc.returncode) == signal.SIGKILL
+                           and seconds >= timeout_s)  # RLIMIT_CPU's hard limit: signals blocked
   return _outcome(events, nonce, proc.returncode, timed_out, seconds, output)
 
 
