@@ -556,7 +556,7 @@ def _flash(q, k, v, geom):
 
 def _flash_fwd(q, k, v, geom):
   # dS = P (dP - delta) subtracts delta = rowsum(o * do) from dP's values of about its size:
-  # from a bfloat16 o the rounding dominated the bf16 dq / dk error (3x xla's at T = 2, ~10%
+  # from a bfloat16 o the rounding dominated the bf16 dq / dk error (2-6x xla's at T = 2, ~10%
   # above it at T >= 56; FlashAttention-2 and cuDNN keep the low-precision o). The float32 o
   # costs 4 bytes per output element, written once per query tile.
   if q.dtype == jnp.float32:
