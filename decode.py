@@ -77,7 +77,7 @@ def parse_args(argv):
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="parameter dtype (auto: bfloat16 on accelerators, float32 on CPU)")
   p.add_argument("--attention_impl", default=None,
-                 help="attention implementation (xla, pallas, triton, cudnn, splash; default: "
+                 help="attention implementation (xla, pallas, triton, mosaic, cudnn, splash; default: "
                       "the backend's)")
   p.add_argument("--gin_file", action="append", default=[], help="gin file; may be repeated")
   p.add_argument("--gin_param", action="append", default=[],

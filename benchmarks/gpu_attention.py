@@ -17,7 +17,8 @@ Sections (each guarded: one failing implementation still lets the others report)
    forward+backward; pallas vs xla vs cudnn (cudnn gets the mask as a dense boolean array:
    it cannot skip tiles). Pallas tiling variants at 8k (not with --quick).
 4. ``decode``: a W=32 window over caches of 1k/4k/16k/32k keys (all rows full), batch 1 and 8;
-   pallas, triton (jax-triton), xla, cudnn; pallas split-count variants at 16k.
+   pallas, triton (jax-triton), mosaic (the wgmma kernel, ``pallas_kernels.mosaic_window``;
+   bf16 only, not in the CPU smoke run), xla, cudnn; pallas split-count variants at 16k.
 
 Counting. Training: useful FLOPs only, fwd = 4 * D * Hq * B * V with V the number of (query,
 key) pairs the mask shows (dense count); fwd+bwd = 3.5 * fwd (the backward's five matmuls,
@@ -99,7 +100,7 @@ def parse_args(argv=None):
   p.add_argument("--cpu-smoke", action="store_true",
                  help="tiny shapes on CPU with the Pallas interpreter (tests the script)")
   p.add_argument("--sections", default="ceilings,check,train,decode")
-  p.add_argument("--impls", default="pallas,triton,xla,cudnn")
+  p.add_argument("--impls", default="pallas,triton,mosaic,xla,cudnn")
   p.add_argument("--reps", type=int, default=None)
   p.add_argument("--out", default=None, help="also append the JSON lines to this file")
   p.add_argument("--ceilings", default=None, help="'TFLOPS,GBPS' instead of measuring")
@@ -319,6 +320,8 @@ class Bench:
       self._check_window("pallas")
     if "triton" in self.impls:
       self._check_window("triton")
+    if "mosaic" in self.impls:
+      self._check_window("mosaic")
     if "cudnn" in self.impls:
       self._check_cudnn()
     self._check_routes()
@@ -379,14 +382,19 @@ class Bench:
     @guarded("check", f"window_{impl}")
     def run():
       jax, jnp = self.jax, self.jnp
+      from pallas_kernels import mosaic_window as mw
       from pallas_kernels import triton_window as tw
       from pallas_kernels import window_kernel as wk
+      if self.smoke and impl != "pallas":
+        emit({"section": "check", "name": f"window_{impl}", "skipped": "no GPU"})
+        return
       if self.smoke:
         shape = dict(batch=3, window=8, hq=4, hkv=2, d=32, smax=100, lengths=[1, 100, 37])
       else:
         shape = dict(batch=3, window=32, hq=12, hkv=2, d=128, smax=1000,
                      lengths=[1, 1000, 333])
-      for dtype in (jnp.bfloat16, jnp.float32):
+      # The Mosaic kernel takes 16-bit inputs only (wgmma; attention() routes float32 to xla).
+      for dtype in (jnp.bfloat16,) if impl == "mosaic" else (jnp.bfloat16, jnp.float32):
         q, k, v, lengths = self._window_inputs(1, dtype=dtype, **shape)
         beyond = (jnp.arange(shape["smax"])[None, :] >= lengths[:, None])[:, :, None, None]
         k_dirty = jnp.where(beyond, jnp.nan, k).astype(dtype)
@@ -394,10 +402,9 @@ class Bench:
         if impl == "pallas":
           fn = jax.jit(lambda *a: wk.window_attention(*a, interpret=self.interpret,
                                                       poison_outputs=True))
+        elif impl == "mosaic":
+          fn = jax.jit(mw.mosaic_window_attention)
         else:
-          if self.smoke:
-            emit({"section": "check", "name": "window_triton", "skipped": "no GPU"})
-            return
           fn = jax.jit(tw.triton_window_attention)
         try:
           out = fn(q, k_dirty, v_dirty, lengths)
@@ -609,9 +616,10 @@ class Bench:
           todo += [("pallas[k128]", {"plan": wk.decode_plan(*args, tile_k=128)}),
                    ("pallas[w4]", {"num_warps": 4}), ("pallas[s3]", {"num_stages": 3})]
         else:
-          todo = [(i, {}) for i in ("xla", "cudnn", "pallas", "triton") if i in self.impls]
+          todo = [(i, {}) for i in ("xla", "cudnn", "pallas", "triton", "mosaic")
+                  if i in self.impls]
         for name, opts in todo:
-          if name == "triton" and self.smoke:
+          if name in ("triton", "mosaic") and self.smoke:
             continue
           if self.out_of_time(f"decode {name} S={smax} B={batch}"):
             continue
@@ -624,6 +632,7 @@ class Bench:
       jax, jnp = self.jax, self.jnp
       from fdllm_jax import attention as attn
       from fdllm_jax import masks
+      from pallas_kernels import mosaic_window as mw
       from pallas_kernels import triton_window as tw
       from pallas_kernels import window_kernel as wk
       w, hq, hkv, d = shape["window"], shape["hq"], shape["hkv"], shape["d"]
@@ -634,6 +643,7 @@ class Bench:
           "pallas": lambda q, k, v, n: wk.window_attention(q, k, v, n, **opts,
                                                            interpret=self.interpret),
           "triton": lambda q, k, v, n: tw.triton_window_attention(q, k, v, n),
+          "mosaic": lambda q, k, v, n: mw.mosaic_window_attention(q, k, v, n),
           "xla": lambda q, k, v, n: attn.xla_attention(q, k, v, mask=masks.Full(),
                                                        kv_lengths_B=n),
           "cudnn": lambda q, k, v, n: attn.cudnn_attention(q, k, v, mask=masks.Full(),
@@ -672,6 +682,10 @@ class Bench:
                    programs=p.num_programs,
                    num_warps=opts.get("num_warps") or wk.default_num_warps(p),
                    num_stages=opts.get("num_stages") or wk.default_num_stages(p))
+      if impl == "mosaic":
+        p = mw.mosaic_plan(batch, w, hq, hkv, d, smax)
+        rec.update(splits=p.num_splits, tile_r=p.tile_r, tile_k=p.tile_k,
+                   programs=p.num_programs, num_stages=2)
       if self.peak_gbps:
         rec["pct_peak_gbps"] = 100 * rec["gbps"] / self.peak_gbps
       if self.peak_tflops:

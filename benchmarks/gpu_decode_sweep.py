@@ -10,8 +10,9 @@ with an ``error`` and the run goes on):
    ``gpu_attention.Bench`` (or given with ``--ceilings TFLOPS,GBPS``).
 2. ``baseline``: for each shape, in order of importance (W32 B8, W32 B1, W8 B8, W1 B8, W8 B1,
    W1 B1; Qwen2.5-1.5B heads Hq=12, Hkv=2, D=128, bf16; a 16384-key cache, every row full):
-   xla, cudnn, the Pallas kernel with its default plan, and the Triton (jax-triton) kernel with
-   its default plan.
+   xla, cudnn, the Pallas kernel with its default plan, the Mosaic GPU (wgmma) kernel with its
+   default plan at 2 and 3 K/V stages (``pallas_kernels.mosaic_window``; skipped with
+   ``--cpu-smoke``), and the Triton (jax-triton) kernel with its default plan.
 3. ``ar_step`` (``--ar-budget`` seconds, default 90): why a 1-token forward (the AR step)
    measured slower than a 32-token window: the model (Qwen2.5-1.5B shapes, ``--ar-layers``
    layers, random bf16 weights, batch 1, cache ``--ar-cache``) timed for 1 and 32 tokens with
@@ -56,6 +57,7 @@ ratios are measured side by side in this process.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import signal
@@ -141,6 +143,11 @@ class Interrupted(BaseException):
 
 def _interrupt(signum, frame):
   raise Interrupted(f"signal {signum}")
+
+
+def _mosaic_op(q, k, v, lengths, *, plan, num_stages):
+  from pallas_kernels import mosaic_window as mw
+  return mw.mosaic_window_attention(q, k, v, lengths, plan=plan, num_stages=num_stages)
 
 
 class Shape:
@@ -461,6 +468,7 @@ class Sweep:
     if rec and "us" in rec:
       rec["default"] = True
       shape.baselines["default"] = rec["us"] / 1e6
+    self.baseline_mosaic(shape)
     if self.triton_error:
       emit({"section": "baseline", "shape": shape.name, "name": "triton",
             "skipped": self.triton_error[:300]})
@@ -472,6 +480,24 @@ class Sweep:
                                       "tile_k": plan.tile_k, "splits": plan.num_splits,
                                       "num_warps": wk.default_num_warps(plan),
                                       "num_stages": wk.default_num_stages(plan)}, "baseline")
+
+  def baseline_mosaic(self, shape):
+    """The Mosaic GPU (wgmma) split kernel, its default plan with 2 and 3 K/V stages."""
+    from pallas_kernels import mosaic_window as mw
+    if self.smoke:
+      emit({"section": "baseline", "shape": shape.name, "name": "mosaic",
+            "skipped": "not run with --cpu-smoke (compiled for Hopper; "
+                       "tests/test_mosaic_window.py interprets it)"})
+      return
+    plan = mw.mosaic_plan(shape.batch, shape.window, shape.hq, shape.hkv, shape.d, shape.smax)
+    for stages in (2, 3):
+      if self.out_of_time(f"baseline mosaic[{stages}] {shape.name}"):
+        return
+      op = functools.partial(_mosaic_op, plan=plan, num_stages=stages)
+      self.measure(shape, f"mosaic[{stages} stages]", op,
+                   {"impl": "mosaic", "tile_r": plan.tile_r, "tile_k": plan.tile_k,
+                    "splits": plan.num_splits, "num_stages": stages,
+                    "programs": plan.num_programs}, "baseline")
 
   # -- the sweep --------------------------------------------------------------------------------
 

@@ -21,6 +21,9 @@ The other implementations and what they cover (``route(...)`` says which path a 
 * ``"triton"``: the decode step through the hand-written Triton kernel (``jax_triton``, GPU
   only, imported on first use); the block masks go to the Pallas ``block_attention``, which
   itself lowers to Triton on GPU.
+* ``"mosaic"``: the decode step through ``pallas_kernels.mosaic_window`` (wgmma on Hopper,
+  Pallas' Mosaic GPU backend; bf16 / f16 with D a multiple of 64, other decode steps run the
+  xla reference); the block masks go to the Pallas ``block_attention``, as for "triton".
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``: ``is_causal`` for a
   plain causal mask, ``key_value_seq_lengths`` for ``Full`` with lengths, a boolean [T, S] mask
   otherwise. On a backend without cuDNN (CPU) the same call runs with jax's ``"xla"``
@@ -57,8 +60,8 @@ import numpy as np
 
 from fdllm_jax import masks as masks_lib
 
-Implementation = Literal["xla", "pallas", "triton", "cudnn", "splash"]
-IMPLEMENTATIONS = ("xla", "pallas", "triton", "cudnn", "splash")
+Implementation = Literal["xla", "pallas", "triton", "mosaic", "cudnn", "splash"]
+IMPLEMENTATIONS = ("xla", "pallas", "triton", "mosaic", "cudnn", "splash")
 
 # Finite, so a query with no visible key yields a uniform average instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -127,7 +130,8 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
     q_offset_B: int32[B], index of each row's first query in the key sequence (default 0).
     kv_lengths_B: int32[B], number of valid keys per row (default all S).
     sm_scale: softmax scale (default 1/sqrt(D)).
-    implementation: "xla" (reference), "pallas", "triton", "cudnn" or "splash" (TPU); None
+    implementation: "xla" (reference), "pallas", "triton", "mosaic", "cudnn" or "splash"
+      (TPU); None
       picks the default for the backend. Combinations without a kernel run the xla reference
       (module docstring).
     interpret: Pallas interpreter on/off; None: on when the default backend is not a GPU
@@ -163,7 +167,7 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
                                         block_size=chosen.block_size, sm_scale=sm_scale,
                                         interpret=interpret)
   lengths_B = _window_lengths(kv_lengths_B, q_BxTxHxD.shape[0], k_BxSxKxD.shape[1])
-  if chosen.path in ("window", "triton_window"):
+  if chosen.path in ("window", "triton_window", "mosaic_window"):
     return _window_with_reference_gradient(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B,
                                            chosen.path, sm_scale, interpret)
   assert chosen.path == "cudnn", chosen
@@ -176,9 +180,9 @@ class Route:
   """Which code path ``attention`` takes for a call (``route`` computes it from static data).
 
   path: "xla", "block" (pallas block_attention), "window" (pallas window_attention),
-  "triton_window", "cudnn" or "splash"; kind/block_size: block_attention's arguments;
-  fallback: the requested implementation had no kernel and the xla reference runs (reason says
-  why).
+  "triton_window", "mosaic_window", "cudnn" or "splash"; kind/block_size: block_attention's
+  arguments; fallback: the requested implementation had no kernel and the xla reference runs
+  (reason says why).
   """
 
   path: str
@@ -207,6 +211,8 @@ def route(implementation: str, mask, q_BxTxHxD, k_BxSxKxD, *, q_offset_B=None,
       return Route("xla", fallback=True, reason="an Explicit mask of rank > 3")
     return Route("cudnn")
   if isinstance(mask, masks_lib.Full) and num_q <= WINDOW_MAX_QUERIES:
+    if implementation == "mosaic":
+      return _mosaic_window_route(q_BxTxHxD)
     return Route("triton_window" if implementation == "triton" else "window")
   block = _block_kind(mask, num_q, num_k)
   if block is not None and kv_lengths_B is None and _is_zero_offset(q_offset_B):
@@ -215,6 +221,15 @@ def route(implementation: str, mask, q_BxTxHxD, k_BxSxKxD, *, q_offset_B=None,
           f"q_offset_B={'none' if q_offset_B is None else 'given'}, "
           f"kv_lengths_B={'none' if kv_lengths_B is None else 'given'}")
   return Route("xla", fallback=True, reason=what)
+
+
+def _mosaic_window_route(q_BxTxHxD) -> Route:
+  dtype, head_dim = jnp.dtype(q_BxTxHxD.dtype), q_BxTxHxD.shape[3]
+  if dtype not in (jnp.bfloat16, jnp.float16) or head_dim % 64:
+    return Route("xla", fallback=True,
+                 reason=f"a decode window of dtype {dtype.name}, D={head_dim} (the Mosaic "
+                        "kernel takes bf16 / f16 with D a multiple of 64)")
+  return Route("mosaic_window")
 
 
 def _block_kind(mask, num_q, num_k):
@@ -252,6 +267,10 @@ def _window_with_reference_gradient(q, k, v, lengths_B, path, sm_scale, interpre
     from pallas_kernels import window_kernel
     return window_kernel.window_attention(q, k, v, lengths_B, sm_scale=sm_scale,
                                           interpret=interpret)
+  if path == "mosaic_window":
+    from pallas_kernels import mosaic_window
+    return mosaic_window.mosaic_window_attention(q, k, v, lengths_B, sm_scale=sm_scale,
+                                                 interpret=interpret)
   from pallas_kernels import triton_window
   return triton_window.triton_window_attention(q, k, v, lengths_B, sm_scale=sm_scale)
 
