@@ -10,11 +10,15 @@ compute warpgroups (64 packed query rows each) and one memory warpgroup:
 
 * the memory warpgroup streams the split's K/V tiles into ``num_stages`` shared-memory slots
   with TMA copies; a slot is refilled once every compute warpgroup has released it;
-* each compute warpgroup computes S = Q K^T and P V with wgmma, keeping the online softmax
-  (base 2) in registers, and writes its rows' partial output and log-sum-exp. P reaches wgmma
-  through shared memory and P V lands in a fresh accumulator that is then added: Mosaic GPU's
-  interpreter takes neither a register operand nor an in-place accumulate (``run_state``),
-  and one kernel that the CPU tests run is worth more than a faster one they cannot.
+* each compute warpgroup computes S = Q K^T and O += P V with wgmma, keeping the online
+  softmax (base 2) in registers, and writes its rows' partial output and log-sum-exp. The
+  memory warpgroup hands its registers to the compute warpgroups (``set_max_registers``).
+
+Compiled, P stays in registers and P V accumulates in place (``run_state``). Mosaic GPU's
+interpreter takes neither, so interpreted P goes through shared memory into a fresh
+accumulator that is then added (``_accumulate_pv``): the CPU tests check everything else
+(tiles, masks, the pipeline's barriers); lowering tests check the compiled form, and the
+check section of ``benchmarks/gpu_attention.py`` its numbers on a GPU.
 
 Key tiles: the split's keys ``[lo, hi)`` (``split_tiles``) are whole 64-key tiles from ``lo``,
 the last one masked when ``hi - lo`` is not a multiple of 64. That tail reads cache slots past
@@ -100,8 +104,14 @@ def _check_supported(q, plan: wk.DecodePlan):
     raise ValueError(f"plan.tile_k must be 64; got {plan.tile_k}")
 
 
+# setmaxnreg per thread (multiples of 8): the compute warpgroups take what the memory
+# warpgroup gives up, within the 64K registers of an SM (as FlashAttention-3 does).
+MEMORY_REGISTERS = 40
+COMPUTE_REGISTERS = {1: 240, 2: 232, 3: 152}
+
+
 def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.DecodePlan,
-                  scale: float, num_stages: int):
+                  scale: float, num_stages: int, interpreted: bool):
   tk, d = plan.tile_k, plan.head_dim_pad
   n_wg = plan.tile_r // ROWS_PER_WARPGROUP
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -122,6 +132,7 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
     # tracks a barrier's phase per thread; JAX 0.11's interpreter checks it at exit).
     @pl.when(wg == n_wg)
     def _memory():
+      plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
       def fetch(t, _):
         slot = lax.rem(t, num_stages)
 
@@ -163,7 +174,8 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
     def _compute():
       rows = pl.ds(pl.multiple_of(r_tile * plan.tile_r + wg * ROWS_PER_WARPGROUP,
                                   ROWS_PER_WARPGROUP), ROWS_PER_WARPGROUP)
-      my_q, my_p = q_smem.at[wg], p_smem.at[wg]
+      plgpu.set_max_registers(COMPUTE_REGISTERS[n_wg], action="increase")
+      my_q = q_smem.at[wg]
       plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], my_q, q_bar.at[wg])
       plgpu.barrier_wait(q_bar.at[wg])
       scale2 = scale * cm.LOG2E
@@ -194,15 +206,8 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
         def _():
           plgpu.barrier_wait(clean_bar)   # V's slots past the split's end are zeros
 
-        # P through shared memory, P V into a fresh accumulator (module docstring).
-        my_p[...] = p.astype(my_p.dtype)
-        plgpu.commit_smem()
-
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, my_p, v_smem.at[slot])
-          return acc_ref[...]
-
-        acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS_PER_WARPGROUP, d), jnp.float32))
+        acc = _accumulate_pv(acc, p.astype(v_smem.dtype), v_smem.at[slot],
+                             None if p_smem is None else p_smem.at[wg])
         plgpu.barrier_arrive(released.at[slot])
         return acc, m_new, l
 
@@ -232,7 +237,8 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
       plgpu.SMEM((n_wg, ROWS_PER_WARPGROUP, d), dtype, transforms=swizzled),
       plgpu.SMEM((num_stages, tk, d), dtype, transforms=swizzled),
       plgpu.SMEM((num_stages, tk, d), dtype, transforms=swizzled),
-      plgpu.SMEM((n_wg, ROWS_PER_WARPGROUP, tk), dtype, transforms=swizzled),
+      plgpu.SMEM((n_wg, ROWS_PER_WARPGROUP, tk), dtype, transforms=swizzled) if interpreted
+      else None,
       plgpu.SMEM((n_wg, ROWS_PER_WARPGROUP, 64), jnp.float32),
       plgpu.SMEM((n_wg, ROWS_PER_WARPGROUP), jnp.float32),
       plgpu.Barrier(num_barriers=n_wg),
@@ -242,6 +248,24 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
       plgpu.Barrier(num_arrivals=n_wg, num_barriers=num_stages),
       collective_axes="wg",
   )
+
+
+def _accumulate_pv(acc, p, v_tile, p_smem):
+  """acc + P V on wgmma. Compiled (``p_smem`` None): P from registers, accumulated in place
+  (``run_state``). Interpreted: P through shared memory into a fresh accumulator, added (the
+  interpreter takes neither form; the GPU check of ``benchmarks/gpu_attention.py`` covers
+  the compiled one)."""
+  if p_smem is None:
+    def pv_in_place(acc_ref):
+      plgpu.wgmma(acc_ref, p, v_tile)
+    return pl.run_state(pv_in_place)(plgpu.ACC.init(acc))
+  p_smem[...] = p
+  plgpu.commit_smem()
+
+  def pv(acc_ref):
+    plgpu.wgmma(acc_ref, p_smem, v_tile)
+    return acc_ref[...]
+  return acc + pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
 
 
 def mosaic_window_partials(q, k, v, kv_lengths, *, sm_scale: float | None = None,
@@ -265,7 +289,8 @@ def mosaic_window_partials(q, k, v, kv_lengths, *, sm_scale: float | None = None
       jax.ShapeDtypeStruct((batch, hkv, plan.num_splits, plan.rows_pad), jnp.float32),
   ]
   kernel = plgpu.kernel(
-      functools.partial(_split_kernel, plan=plan, scale=scale, num_stages=num_stages),
+      functools.partial(_split_kernel, plan=plan, scale=scale, num_stages=num_stages,
+                        interpreted=bool(interpret)),
       out_type=out_type,
       grid=(plan.num_row_tiles, plan.num_splits, hkv, batch),
       grid_names=("row_tile", "split", "head", "row"),
