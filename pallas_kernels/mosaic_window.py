@@ -23,8 +23,8 @@ check section of ``benchmarks/gpu_attention.py`` its numbers on a GPU.
 Key tiles: the split's keys ``[lo, hi)`` (``split_tiles``) are whole 64-key tiles from ``lo``,
 the last one masked when ``hi - lo`` is not a multiple of 64. That tail reads cache slots past
 ``hi`` (past Smax too, which TMA fills with zeros): they may hold anything, NaN included, and
-a NaN in V survives a zero probability, so the memory warpgroup zeroes the tail's V rows past
-``hi`` before the compute warpgroups multiply by it (K's are masked in S).
+a NaN in V survives a zero probability, so compute warpgroup 0 zeroes the tail's V rows past
+``hi`` before any compute warpgroup multiplies by it (K's are masked in S).
 
 Runs compiled on a Hopper GPU, and in Mosaic GPU's interpreter on CPU (``interpret=True``,
 JAX >= 0.11; the tests). Lowering for an H100 (layout inference, the shared-memory check) is
@@ -130,45 +130,29 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
 
     # Every thread that waits on a barrier waits on each of its phases, in order (Mosaic GPU
     # tracks a barrier's phase per thread; JAX 0.11's interpreter checks it at exit).
+    # The memory warpgroup waits on `released` only; the compute warpgroups on the others.
     @pl.when(wg == n_wg)
     def _memory():
       plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
       def fetch(t, _):
         slot = lax.rem(t, num_stages)
 
         @pl.when(t >= num_stages)
         def _():
           plgpu.barrier_wait(released.at[slot])
-          plgpu.barrier_wait(v_bar.at[slot])   # long done
 
         keys = pl.ds(tile_start(t), tk)
         plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem.at[slot], k_bar.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
         return ()
 
-      lax.fori_loop(0, n_tiles, fetch, ())
-      in_flight = jnp.maximum(n_tiles - num_stages, 0)   # tiles whose phases fetch left
-
-      def land(t, _):
-        slot = lax.rem(t, num_stages)
-        plgpu.barrier_wait(v_bar.at[slot])
-
-        @pl.when(has_tail & (t == n_tiles - 1))
-        def _zero_v_past_the_end():
-          tile = plgpu.layout_cast(v_smem.at[slot][...], plgpu.Layout.WGMMA)
-          key = tile_start(t) + plgpu.broadcasted_iota(jnp.int32, (tk, d), 0,
-                                                       layout=plgpu.Layout.WGMMA)
-          v_smem.at[slot][...] = jnp.where(key < hi, tile, jnp.zeros_like(tile))
-          plgpu.commit_smem()
-          plgpu.barrier_arrive(clean_bar)
-        return ()
-
-      def drain(t, _):
+      def drain(t, _):   # the releases fetch did not wait for
         plgpu.barrier_wait(released.at[lax.rem(t, num_stages)])
         return ()
 
-      lax.fori_loop(in_flight, n_tiles, land, ())
-      lax.fori_loop(in_flight, n_tiles, drain, ())
+      lax.fori_loop(0, n_tiles, fetch, ())
+      lax.fori_loop(jnp.maximum(n_tiles - num_stages, 0), n_tiles, drain, ())
 
     @pl.when(wg < n_wg)
     def _compute():
@@ -203,8 +187,17 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
         plgpu.barrier_wait(v_bar.at[slot])
 
         @pl.when(has_tail & (t == n_tiles - 1))
-        def _():
-          plgpu.barrier_wait(clean_bar)   # V's slots past the split's end are zeros
+        def _zero_v_past_the_end():   # (K's are masked in S)
+          @pl.when(wg == 0)
+          def _():
+            tile = plgpu.layout_cast(v_smem.at[slot][...], plgpu.Layout.WGMMA)
+            key = tile_start(t) + plgpu.broadcasted_iota(jnp.int32, tile.shape, 0,
+                                                         layout=plgpu.Layout.WGMMA)
+            v_smem.at[slot][...] = jnp.where(key < hi, tile, jnp.zeros_like(tile))
+            plgpu.commit_smem()   # visible to wgmma (the async proxy)
+            plgpu.barrier_arrive(clean_bar)
+
+          plgpu.barrier_wait(clean_bar)
 
         acc = _accumulate_pv(acc, p.astype(v_smem.dtype), v_smem.at[slot],
                              None if p_smem is None else p_smem.at[wg])
