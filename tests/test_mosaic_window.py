@@ -67,6 +67,7 @@ CASES = [
     (2, 1, 7, 1, 64, 100, [1, 100], None),            # GQA 7, an AR step, length 1 and Smax
     (2, 8, 4, 2, 64, 300, [130, 250], 3),             # splits, one of them empty for row 0
     (1, 16, 8, 8, 128, 70, [70], None),               # GQA 1, Smax not a multiple of 64
+    (2, 4, 2, 1, 64, 40, [40, 7], None),              # Smax < 64: the cache is padded
     (4, 32, 8, 2, 64, 200, [200, 1, 65, 128], 2),     # 128-row tiles (two warpgroups)
     (4, 32, 12, 2, 128, 130, [129, 5, 64, 100], None),  # 192-row tile: Qwen's block
     (4, 32, 14, 2, 64, 70, [70, 3, 63, 64], None),    # 224 rows: two 128-row tiles
