@@ -77,8 +77,8 @@ def parse_args(argv):
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="parameter dtype (auto: bfloat16 on accelerators, float32 on CPU)")
   p.add_argument("--attention_impl", default=None,
-                 help="attention implementation (xla, pallas, triton, mosaic, cudnn, splash; default: "
-                      "the backend's)")
+                 help="attention implementation (xla, pallas, triton, mosaic, cudnn, splash; "
+                      "default: the backend's)")
   p.add_argument("--gin_file", action="append", default=[], help="gin file; may be repeated")
   p.add_argument("--gin_param", action="append", default=[],
                  help="gin binding, e.g. 'DecodeConfig.threshold = 0.5'; may be repeated")
