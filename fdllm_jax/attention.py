@@ -131,9 +131,8 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
     kv_lengths_B: int32[B], number of valid keys per row (default all S).
     sm_scale: softmax scale (default 1/sqrt(D)).
     implementation: "xla" (reference), "pallas", "triton", "mosaic", "cudnn" or "splash"
-      (TPU); None
-      picks the default for the backend. Combinations without a kernel run the xla reference
-      (module docstring).
+      (TPU); None picks the default for the backend. Combinations without a kernel run the
+      xla reference (module docstring).
     interpret: Pallas interpreter on/off; None: on when the default backend is not a GPU
       (for "splash": not a TPU).
   """
