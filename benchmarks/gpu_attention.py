@@ -685,7 +685,7 @@ class Bench:
       if impl == "mosaic":
         p = mw.mosaic_plan(batch, w, hq, hkv, d, smax)
         rec.update(splits=p.num_splits, tile_r=p.tile_r, tile_k=p.tile_k,
-                   programs=p.num_programs, num_stages=2)
+                   programs=p.num_programs, num_stages=mw.DEFAULT_NUM_STAGES)
       if self.peak_gbps:
         rec["pct_peak_gbps"] = 100 * rec["gbps"] / self.peak_gbps
       if self.peak_tflops:

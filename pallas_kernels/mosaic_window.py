@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ from pallas_kernels import window_kernel as wk
 
 ROWS_PER_WARPGROUP = 64   # wgmma's M
 MAX_COMPUTE_WARPGROUPS = 3  # 192 rows: a 32-query window at GQA 6
+DEFAULT_NUM_STAGES = 2      # K/V shared-memory slots; 3 also fits 192 rows (lowering checks)
 
 
 def interpreter_supported() -> bool:
@@ -266,8 +268,8 @@ def _accumulate_pv(acc, p, v_tile, p_smem):
 
 
 def mosaic_window_partials(q, k, v, kv_lengths, *, sm_scale: float | None = None,
-                           interpret: bool = False, plan: wk.DecodePlan | None = None,
-                           num_stages: int = 2):
+                           interpret: Any = False, plan: wk.DecodePlan | None = None,
+                           num_stages: int = DEFAULT_NUM_STAGES):
   """The split kernel: per-chunk outputs [B, Hkv, splits, rows_pad, D_pad] (float32,
   normalised within the chunk) and base-2 log-sum-exps [B, Hkv, splits, rows_pad]."""
   kv_lengths = wk._validate(q, k, v, kv_lengths)
@@ -298,9 +300,23 @@ def mosaic_window_partials(q, k, v, kv_lengths, *, sm_scale: float | None = None
 
 
 def mosaic_window_attention(q, k, v, kv_lengths, *, sm_scale: float | None = None,
-                            interpret: bool = False, plan: wk.DecodePlan | None = None,
-                            num_stages: int = 2):
-  """``window_attention`` with its split kernel on wgmma (Hopper); bf16 / f16, D % 64 == 0."""
+                            interpret: Any = False, plan: wk.DecodePlan | None = None,
+                            num_stages: int = DEFAULT_NUM_STAGES):
+  """``window_attention`` with its split kernel on wgmma (Hopper); see the module docstring.
+
+  Args:
+    q: [B, W, Hq, D], W <= 64, bfloat16 or float16, D a multiple of 64; k, v: [B, Smax, Hkv,
+      D] (q's dtype).
+    kv_lengths: int [B], keys visible to row b (clipped to [0, Smax]; 0 gives zeros).
+    sm_scale: softmax scale, default D ** -0.5.
+    interpret: False (compile for a Hopper GPU), True (Mosaic GPU's interpreter, JAX >= 0.11),
+      or the interpreter's ``InterpretGPUParams`` (e.g. ``detect_races=True``).
+    plan: a ``mosaic_plan(...)`` to override the splits.
+    num_stages: K/V shared-memory slots of the pipeline.
+
+  Returns:
+    [B, W, Hq, D] in q's dtype.
+  """
   o_part, lse_part = mosaic_window_partials(q, k, v, kv_lengths, sm_scale=sm_scale,
                                             interpret=interpret, plan=plan,
                                             num_stages=num_stages)
