@@ -9,6 +9,8 @@
   called through jax-triton (imported lazily; GPU only).
 * ``mosaic_window``: ``mosaic_window_attention``, the same decode step with its split kernel on
   Hopper's wgmma through Pallas' Mosaic GPU backend (bf16 / f16, D a multiple of 64).
+* ``ptxas_report``: Mosaic GPU kernels compiled for sm_90a on a machine without a GPU
+  (registers, spills, ptxas' warnings); a tool, not imported here.
 
 The Pallas kernels of ``block_kernel`` and ``window_kernel`` lower to Triton on GPU and run in
 Pallas' interpreter with ``interpret=True`` (CPU tests); ``mosaic_window`` lowers to Mosaic

@@ -11,6 +11,7 @@ from jax.experimental import pallas as pl
 from fdllm_jax import masks
 from pallas_kernels import _common as cm
 from pallas_kernels import block_kernel as bk
+from pallas_kernels.ptxas_report import lower_for_hopper
 
 @pytest.fixture(autouse=True)
 def _full_float32_matmuls():
@@ -285,18 +286,7 @@ def test_segments_work_on_traced_indices():
 def lower_for_gpu(fn, *args):
   """StableHLO text of ``fn`` lowered for CUDA from this (CPU) machine: runs the Pallas ->
   Triton lowering (catches unsupported ops and non-power-of-two tiles) without a GPU."""
-  def lower():
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  try:
-    return lower()
-  except RuntimeError as e:  # jax >= 0.11 asks which GPU to lower for: an abstract H100
-    if "GPU" not in str(e):
-      raise
-  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                     platform="gpu")
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                abstract_device=h100)):
-    return lower()
+  return lower_for_hopper(fn, *args).as_text()
 
 
 @pytest.mark.parametrize("kind", bk.KINDS)

@@ -1,0 +1,122 @@
+"""pallas_kernels.ptxas_report: Mosaic GPU kernels compiled for sm_90a without a GPU.
+
+Parsing, the toolchain lookup and the extraction of kernels from a lowering run everywhere. The
+compile tests need the toolchain (`bash scripts/get_sm90_toolchain.sh DIR`, about 240 MB, then
+FDLLM_SM90_TOOLCHAIN=DIR) and JAX >= 0.11; without them (CI) they skip.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import mosaic_window as mw
+from pallas_kernels import ptxas_report as pr
+
+# ptxas' -v output for the decode kernel at 8 x 32 over 16k keys (jaxlib 0.12.0.1).
+PTXAS_OUTPUT = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'anonymous_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for anonymous_mosaic_gpu_kernel
+    0 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 128 registers, used 16 barriers, 1 bytes smem
+ptxas info    : Compile time = 141.573 ms
+"""
+
+
+def _toolchain_or_skip():
+  if jax.__version_info__ < (0, 11):
+    pytest.skip(f"JAX {jax.__version__}: compiling without a GPU needs JAX >= 0.11")
+  try:
+    return pr.find_toolchain()
+  except FileNotFoundError as e:
+    pytest.skip(f"no sm_90 toolchain ({e})")
+
+
+def _decode_window(batch=8, window=32, heads=12, kv_heads=2, max_len=4096, **kwargs):
+  q = jax.ShapeDtypeStruct((batch, window, heads, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((batch, max_len, kv_heads, 128), jnp.bfloat16)
+  lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  return (lambda q, k, v, n: mw.mosaic_window_attention(q, k, v, n, **kwargs)), (q, kv, kv,
+                                                                               lengths)
+
+
+def test_parse_ptxas_info():
+  assert pr.parse_ptxas_info(PTXAS_OUTPUT) == dict(
+      kernel="anonymous_mosaic_gpu_kernel", target="sm_90a", registers=128, barriers=16,
+      stack_frame_bytes=0, spill_store_bytes=8, spill_load_bytes=12, warnings=())
+  serialized = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async "
+                "instructions are serialized due to insufficient register resources")
+  info = pr.parse_ptxas_info(PTXAS_OUTPUT + serialized + "\n")
+  assert info["warnings"] == (serialized,)
+  assert pr.KernelReport(**info, wgmma_instructions=1, tma_copies=0, register_limits=()).spills
+  with pytest.raises(ValueError, match="not a ptxas -v report"):
+    pr.parse_ptxas_info(PTXAS_OUTPUT.replace("Used 128 registers", "Used many registers"))
+
+
+def test_ptx_features():
+  ptx = ("\tsetmaxnreg.dec.sync.aligned.u32 40;\n\tsetmaxnreg.inc.sync.aligned.u32 232;\n"
+         "\twgmma.fence.sync.aligned;\n\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16\n"
+         "\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\n"
+         "\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [x];\n")
+  assert pr.ptx_features(ptx) == dict(wgmma_instructions=2, tma_copies=1,
+                                      register_limits=(40, 232))
+
+
+def test_find_toolchain_names_what_is_missing(tmp_path, monkeypatch):
+  monkeypatch.delenv(pr.TOOLCHAIN_ENV, raising=False)
+  with pytest.raises(FileNotFoundError, match="FDLLM_SM90_TOOLCHAIN.*get_sm90_toolchain.sh"):
+    pr.find_toolchain()
+  (tmp_path / "fake_driver").mkdir()
+  (tmp_path / "fake_driver" / "libcuda.so.1").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="lacks compiler, runtime, cuda_root;"):
+    pr.find_toolchain(tmp_path)
+
+
+def test_cli_without_toolchain_is_a_usage_error(monkeypatch, capsys):
+  monkeypatch.delenv(pr.TOOLCHAIN_ENV, raising=False)
+  with pytest.raises(SystemExit) as exit_info:
+    pr.main([])
+  assert exit_info.value.code == 2
+  assert "get_sm90_toolchain.sh" in capsys.readouterr().err
+
+
+def test_mosaic_modules_are_the_kernels_of_the_lowering():
+  fn, args = _decode_window()
+  (module,) = pr.mosaic_modules(pr.lower_for_hopper(fn, *args))
+  assert module.startswith(b"ML\xefR")   # MLIR bytecode, as Mosaic GPU's compiler takes it
+  assert pr.mosaic_modules(pr.lower_for_hopper(lambda x: x * 2, jnp.zeros(3))) == []
+
+
+def test_report_refuses_a_function_without_kernels():
+  toolchain = pr.Toolchain(*(4 * [None]))   # not reached
+  with pytest.raises(ValueError, match="no Mosaic GPU kernel"):
+    pr.report(lambda x: x + 1, jnp.zeros(3), toolchain=toolchain)
+
+
+@pytest.mark.parametrize("window,heads,kv_heads,limits", [
+    (32, 12, 2, (40, 152)),   # 192 rows: three compute warpgroups
+    (32, 28, 4, (40, 232)),   # 224 rows in 128-row tiles: two
+    (8, 12, 2, (40, 256))])   # 48 rows: one
+def test_decode_kernel_compiles_for_sm90_without_spills(window, heads, kv_heads, limits):
+  toolchain = _toolchain_or_skip()
+  fn, args = _decode_window(window=window, heads=heads, kv_heads=kv_heads)
+  (kernel,) = pr.report(fn, *args, toolchain=toolchain)
+  assert kernel.target == "sm_90a"
+  assert not kernel.spills and kernel.stack_frame_bytes == 0
+  assert kernel.warnings == ()   # ptxas would say here if it serialized the wgmmas
+  assert kernel.register_limits == limits   # mosaic_window's set_max_registers, as ptxas saw
+  assert kernel.wgmma_instructions > 0 and kernel.tma_copies > 0
+
+
+@pytest.mark.skipif(jax.__version_info__ >= (0, 11), reason="JAX >= 0.11 compiles")
+def test_old_jax_is_refused_with_its_version():
+  with pytest.raises(NotImplementedError, match="needs JAX >= 0.11"):
+    pr.compile_for_sm90(b"", pr.Toolchain(*(4 * [None])))
+
+
+def test_a_broken_module_is_reported_with_the_compiler_output():
+  toolchain = _toolchain_or_skip()
+  with pytest.raises(RuntimeError, match="no ptxas report"):
+    pr.compile_for_sm90(b"ML\xefR not a module", toolchain, timeout_s=120)
