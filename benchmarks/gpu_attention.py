@@ -18,7 +18,8 @@ Sections (each guarded: one failing implementation still lets the others report)
    it cannot skip tiles). Pallas tiling variants at 8k (not with --quick).
 4. ``decode``: a W=32 window over caches of 1k/4k/16k/32k keys (all rows full), batch 1 and 8;
    pallas, triton (jax-triton), mosaic (the wgmma kernel, ``pallas_kernels.mosaic_window``;
-   bf16 only, not in the CPU smoke run), xla, cudnn; pallas split-count variants at 16k.
+   bf16 only, not in the CPU smoke run; then ``mosaic[smem P]``, its form with P V from shared
+   memory, which the interpreter tests check), xla, cudnn; pallas split-count variants at 16k.
 
 Counting. Training: useful FLOPs only, fwd = 4 * D * Hq * B * V with V the number of (query,
 key) pairs the mask shows (dense count); fwd+bwd = 3.5 * fwd (the backward's five matmuls,
@@ -42,6 +43,7 @@ in a subprocess with that wheel installed to /tmp/site_alt.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -322,6 +324,7 @@ class Bench:
       self._check_window("triton")
     if "mosaic" in self.impls:
       self._check_window("mosaic")
+      self._check_window("mosaic_smem_p")   # P V from shared memory: the interpreted form
     if "cudnn" in self.impls:
       self._check_cudnn()
     self._check_routes()
@@ -385,7 +388,7 @@ class Bench:
       from pallas_kernels import mosaic_window as mw
       from pallas_kernels import triton_window as tw
       from pallas_kernels import window_kernel as wk
-      if self.smoke and impl != "pallas":
+      if self.smoke and impl != "pallas":   # (the Mosaic kernel: tests/test_mosaic_window.py)
         emit({"section": "check", "name": f"window_{impl}", "skipped": "no GPU"})
         return
       if self.smoke:
@@ -394,7 +397,8 @@ class Bench:
         shape = dict(batch=3, window=32, hq=12, hkv=2, d=128, smax=1000,
                      lengths=[1, 1000, 333])
       # The Mosaic kernel takes 16-bit inputs only (wgmma; attention() routes float32 to xla).
-      for dtype in (jnp.bfloat16,) if impl == "mosaic" else (jnp.bfloat16, jnp.float32):
+      mosaic = impl.startswith("mosaic")
+      for dtype in (jnp.bfloat16,) if mosaic else (jnp.bfloat16, jnp.float32):
         q, k, v, lengths = self._window_inputs(1, dtype=dtype, **shape)
         beyond = (jnp.arange(shape["smax"])[None, :] >= lengths[:, None])[:, :, None, None]
         k_dirty = jnp.where(beyond, jnp.nan, k).astype(dtype)
@@ -402,8 +406,9 @@ class Bench:
         if impl == "pallas":
           fn = jax.jit(lambda *a: wk.window_attention(*a, interpret=self.interpret,
                                                       poison_outputs=True))
-        elif impl == "mosaic":
-          fn = jax.jit(mw.mosaic_window_attention)
+        elif mosaic:
+          fn = jax.jit(functools.partial(mw.mosaic_window_attention,
+                                         p_from_registers=impl == "mosaic"))
         else:
           fn = jax.jit(tw.triton_window_attention)
         try:
@@ -618,8 +623,10 @@ class Bench:
         else:
           todo = [(i, {}) for i in ("xla", "cudnn", "pallas", "triton", "mosaic")
                   if i in self.impls]
+          if "mosaic" in self.impls:   # the form the interpreter checks, timed last
+            todo.append(("mosaic[smem P]", {"p_from_registers": False}))
         for name, opts in todo:
-          if name in ("triton", "mosaic") and self.smoke:
+          if name.split("[")[0] in ("triton", "mosaic") and self.smoke:
             continue
           if self.out_of_time(f"decode {name} S={smax} B={batch}"):
             continue
@@ -643,7 +650,7 @@ class Bench:
           "pallas": lambda q, k, v, n: wk.window_attention(q, k, v, n, **opts,
                                                            interpret=self.interpret),
           "triton": lambda q, k, v, n: tw.triton_window_attention(q, k, v, n),
-          "mosaic": lambda q, k, v, n: mw.mosaic_window_attention(q, k, v, n),
+          "mosaic": lambda q, k, v, n: mw.mosaic_window_attention(q, k, v, n, **opts),
           "xla": lambda q, k, v, n: attn.xla_attention(q, k, v, mask=masks.Full(),
                                                        kv_lengths_B=n),
           "cudnn": lambda q, k, v, n: attn.cudnn_attention(q, k, v, mask=masks.Full(),
@@ -685,7 +692,8 @@ class Bench:
       if impl == "mosaic":
         p = mw.mosaic_plan(batch, w, hq, hkv, d, smax)
         rec.update(splits=p.num_splits, tile_r=p.tile_r, tile_k=p.tile_k,
-                   programs=p.num_programs, num_stages=mw.DEFAULT_NUM_STAGES)
+                   programs=p.num_programs, num_stages=mw.DEFAULT_NUM_STAGES,
+                   p_from_registers=opts.get("p_from_registers", True))
       if self.peak_gbps:
         rec["pct_peak_gbps"] = 100 * rec["gbps"] / self.peak_gbps
       if self.peak_tflops:

@@ -11,7 +11,8 @@ with an ``error`` and the run goes on):
 2. ``baseline``: for each shape, in order of importance (W32 B8, W32 B1, W8 B8, W1 B8, W8 B1,
    W1 B1; Qwen2.5-1.5B heads Hq=12, Hkv=2, D=128, bf16; a 16384-key cache, every row full):
    xla, cudnn, the Pallas kernel with its default plan, the Mosaic GPU (wgmma) kernel with its
-   default plan at 2 and 3 K/V stages (``pallas_kernels.mosaic_window``; skipped with
+   default plan at 2 and 3 K/V stages and, at 2 stages, with P V from shared memory (the form
+   its interpreter tests check; ``pallas_kernels.mosaic_window``; skipped with
    ``--cpu-smoke``), and the Triton (jax-triton) kernel with its default plan.
 3. ``ar_step`` (``--ar-budget`` seconds, default 90): why a 1-token forward (the AR step)
    measured slower than a 32-token window: the model (Qwen2.5-1.5B shapes, ``--ar-layers``
@@ -145,9 +146,10 @@ def _interrupt(signum, frame):
   raise Interrupted(f"signal {signum}")
 
 
-def _mosaic_op(q, k, v, lengths, *, plan, num_stages):
+def _mosaic_op(q, k, v, lengths, *, plan, num_stages, p_from_registers=True):
   from pallas_kernels import mosaic_window as mw
-  return mw.mosaic_window_attention(q, k, v, lengths, plan=plan, num_stages=num_stages)
+  return mw.mosaic_window_attention(q, k, v, lengths, plan=plan, num_stages=num_stages,
+                                    p_from_registers=p_from_registers)
 
 
 class Shape:
@@ -482,7 +484,8 @@ class Sweep:
                                       "num_stages": wk.default_num_stages(plan)}, "baseline")
 
   def baseline_mosaic(self, shape):
-    """The Mosaic GPU (wgmma) split kernel, its default plan with 2 and 3 K/V stages."""
+    """The Mosaic GPU (wgmma) split kernel, its default plan with 2 and 3 K/V stages, then with
+    P V from shared memory at 2."""
     from pallas_kernels import mosaic_window as mw
     if self.smoke:
       emit({"section": "baseline", "shape": shape.name, "name": "mosaic",
@@ -490,13 +493,16 @@ class Sweep:
                        "tests/test_mosaic_window.py interprets it)"})
       return
     plan = mw.mosaic_plan(shape.batch, shape.window, shape.hq, shape.hkv, shape.d, shape.smax)
-    for stages in (2, 3):
-      if self.out_of_time(f"baseline mosaic[{stages}] {shape.name}"):
+    for stages, registers in ((2, True), (3, True), (2, False)):
+      name = f"mosaic[{stages} stages{'' if registers else ', smem P'}]"
+      if self.out_of_time(f"baseline {name} {shape.name}"):
         return
-      op = functools.partial(_mosaic_op, plan=plan, num_stages=stages)
-      self.measure(shape, f"mosaic[{stages} stages]", op,
+      op = functools.partial(_mosaic_op, plan=plan, num_stages=stages,
+                             p_from_registers=registers)
+      self.measure(shape, name, op,
                    {"impl": "mosaic", "tile_r": plan.tile_r, "tile_k": plan.tile_k,
                     "splits": plan.num_splits, "num_stages": stages,
+                    "p_from_registers": registers,
                     "programs": plan.num_programs}, "baseline")
 
   # -- the sweep --------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ Compiled, P stays in registers and P V accumulates in place (``run_state``). Mos
 interpreter takes neither, so interpreted P goes through shared memory into a fresh
 accumulator that is then added (``_accumulate_pv``): the CPU tests check everything else
 (tiles, masks, the pipeline's barriers); lowering tests check the compiled form, and the
-check section of ``benchmarks/gpu_attention.py`` its numbers on a GPU.
+check section of ``benchmarks/gpu_attention.py`` its numbers on a GPU. The interpreted form
+also compiles (``p_from_registers=False``): the GPU benchmarks check and time both, so that a
+fault of the register form alone still leaves a checked kernel.
 
 Key tiles: the split's keys ``[lo, hi)`` (``split_tiles``) are whole 64-key tiles from ``lo``,
 the last one masked when ``hi - lo`` is not a multiple of 64. That tail reads cache slots past
@@ -28,7 +30,9 @@ a NaN in V survives a zero probability, so compute warpgroup 0 zeroes the tail's
 
 Runs compiled on a Hopper GPU, and in Mosaic GPU's interpreter on CPU (``interpret=True``,
 JAX >= 0.11; the tests). Lowering for an H100 (layout inference, the shared-memory check) is
-tested on every JAX. Untimed: no GPU has run it yet (README, "Decoding speed").
+tested on every JAX; compiling for sm_90a (ptxas: registers, spills) wherever
+``pallas_kernels.ptxas_report``'s toolchain is installed. Untimed: no GPU has run it yet
+(README, "Decoding speed").
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ def _compute_registers(num_compute_warpgroups: int) -> int:
 
 
 def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.DecodePlan,
-                  scale: float, num_stages: int, interpreted: bool):
+                  scale: float, num_stages: int, p_from_registers: bool):
   tk, d = plan.tile_k, plan.head_dim_pad
   n_wg = plan.tile_r // ROWS_PER_WARPGROUP
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -236,8 +240,8 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
       plgpu.SMEM((n_wg, ROWS_PER_WARPGROUP, d), dtype, transforms=swizzled),
       plgpu.SMEM((num_stages, tk, d), dtype, transforms=swizzled),
       plgpu.SMEM((num_stages, tk, d), dtype, transforms=swizzled),
-      plgpu.SMEM((n_wg, ROWS_PER_WARPGROUP, tk), dtype, transforms=swizzled) if interpreted
-      else None,
+      None if p_from_registers else
+      plgpu.SMEM((n_wg, ROWS_PER_WARPGROUP, tk), dtype, transforms=swizzled),
       plgpu.SMEM((n_wg, ROWS_PER_WARPGROUP, 64), jnp.float32),
       plgpu.SMEM((n_wg, ROWS_PER_WARPGROUP), jnp.float32),
       plgpu.Barrier(num_barriers=n_wg),
@@ -250,10 +254,10 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
 
 
 def _accumulate_pv(acc, p, v_tile, p_smem):
-  """acc + P V on wgmma. Compiled (``p_smem`` None): P from registers, accumulated in place
-  (``run_state``). Interpreted: P through shared memory into a fresh accumulator, added (the
-  interpreter takes neither form; the GPU check of ``benchmarks/gpu_attention.py`` covers
-  the compiled one)."""
+  """acc + P V on wgmma. ``p_smem`` None: P from registers, accumulated in place
+  (``run_state``; compiled only). Else P through shared memory into a fresh accumulator,
+  added (the interpreter takes only this form; the GPU check of
+  ``benchmarks/gpu_attention.py`` covers both)."""
   if p_smem is None:
     def pv_in_place(acc_ref):
       plgpu.wgmma(acc_ref, p, v_tile)
@@ -267,12 +271,24 @@ def _accumulate_pv(acc, p, v_tile, p_smem):
   return acc + pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
 
 
+def _use_p_from_registers(p_from_registers: bool | None, interpret) -> bool:
+  interpreted = bool(interpret)
+  if p_from_registers is None:
+    return not interpreted
+  if p_from_registers and interpreted:
+    raise ValueError("p_from_registers=True needs the compiled kernel: Mosaic GPU's interpreter "
+                     "takes P V only from shared memory (p_from_registers None or False)")
+  return bool(p_from_registers)
+
+
 def mosaic_window_partials(q, k, v, kv_lengths, *, sm_scale: float | None = None,
                            interpret: Any = False, plan: wk.DecodePlan | None = None,
-                           num_stages: int = DEFAULT_NUM_STAGES):
+                           num_stages: int = DEFAULT_NUM_STAGES,
+                           p_from_registers: bool | None = None):
   """The split kernel: per-chunk outputs [B, Hkv, splits, rows_pad, D_pad] (float32,
   normalised within the chunk) and base-2 log-sum-exps [B, Hkv, splits, rows_pad]."""
   kv_lengths = wk._validate(q, k, v, kv_lengths)
+  p_from_registers = _use_p_from_registers(p_from_registers, interpret)
   batch, window, hq, d = q.shape
   smax, hkv = k.shape[1], k.shape[2]
   plan = plan or mosaic_plan(batch, window, hq, hkv, d, smax)
@@ -289,7 +305,7 @@ def mosaic_window_partials(q, k, v, kv_lengths, *, sm_scale: float | None = None
   ]
   kernel = plgpu.kernel(
       functools.partial(_split_kernel, plan=plan, scale=scale, num_stages=num_stages,
-                        interpreted=bool(interpret)),
+                        p_from_registers=p_from_registers),
       out_type=out_type,
       grid=(plan.num_row_tiles, plan.num_splits, hkv, batch),
       grid_names=("row_tile", "split", "head", "row"),
@@ -301,7 +317,8 @@ def mosaic_window_partials(q, k, v, kv_lengths, *, sm_scale: float | None = None
 
 def mosaic_window_attention(q, k, v, kv_lengths, *, sm_scale: float | None = None,
                             interpret: Any = False, plan: wk.DecodePlan | None = None,
-                            num_stages: int = DEFAULT_NUM_STAGES):
+                            num_stages: int = DEFAULT_NUM_STAGES,
+                            p_from_registers: bool | None = None):
   """``window_attention`` with its split kernel on wgmma (Hopper); see the module docstring.
 
   Args:
@@ -313,11 +330,14 @@ def mosaic_window_attention(q, k, v, kv_lengths, *, sm_scale: float | None = Non
       or the interpreter's ``InterpretGPUParams`` (e.g. ``detect_races=True``).
     plan: a ``mosaic_plan(...)`` to override the splits.
     num_stages: K/V shared-memory slots of the pipeline.
+    p_from_registers: P V with P in registers, accumulated in place (None: when compiled),
+      or with P through shared memory (False; the only form the interpreter runs).
 
   Returns:
     [B, W, Hq, D] in q's dtype.
   """
   o_part, lse_part = mosaic_window_partials(q, k, v, kv_lengths, sm_scale=sm_scale,
                                             interpret=interpret, plan=plan,
-                                            num_stages=num_stages)
+                                            num_stages=num_stages,
+                                            p_from_registers=p_from_registers)
   return wk.combine_partials(o_part, lse_part, q.shape, q.dtype)

@@ -7,7 +7,7 @@
 #      ragged cache, then timed over 1k-32k caches at batch 1 and 8;
 #   2. benchmarks/gpu_decode_sweep.py --sections baseline --device-time: the decode
 #      shapes (32 x 8, 8 x 8, 32 x 1 over 16k keys), host and device time, Pallas beside the
-#      Mosaic GPU kernel at 2 and 3 stages;
+#      Mosaic GPU kernel at 2 and 3 stages (and with P V from shared memory);
 #   3. benchmarks/gpu_attention.py, training mask: pallas against cudnn at 8k and 2k tokens
 #      (forward and forward + backward).
 #

@@ -157,6 +157,9 @@ def test_unsupported_inputs_are_refused():
   if not mw.interpreter_supported():
     with pytest.raises(NotImplementedError, match="needs JAX >= 0.11"):
       mw.mosaic_window_attention(q, k, v, jnp.asarray([64]), interpret=True)
+  with pytest.raises(ValueError, match="p_from_registers=True needs the compiled kernel"):
+    mw.mosaic_window_attention(q, k, v, jnp.asarray([64]), interpret=True,
+                               p_from_registers=True)
 
 
 @pytest.mark.parametrize("batch,window,smax,stages", [
@@ -171,6 +174,18 @@ def test_lowers_for_hopper_within_shared_memory(batch, window, smax, stages):
   text = lower_for_gpu(
       lambda q, k, v: mw.mosaic_window_attention(q, k, v, lengths, num_stages=stages), q, k, k)
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1   # the split kernel; XLA the rest
+
+
+@pytest.mark.parametrize("p_from_registers", [True, False])
+def test_both_forms_of_p_v_lower_for_hopper(p_from_registers):
+  """P in registers (the compiled default) and P through shared memory (what the interpreter
+  runs; the GPU benchmarks' fallback) both lower, the second with one more buffer."""
+  q = jnp.zeros((8, 32, 12, 128), jnp.bfloat16)
+  k = jnp.zeros((8, 4096, 2, 128), jnp.bfloat16)
+  lengths = jnp.full((8,), 4000, jnp.int32)
+  text = lower_for_gpu(lambda q, k, v: mw.mosaic_window_attention(
+      q, k, v, lengths, p_from_registers=p_from_registers), q, k, k)
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
 
 
 def test_lowering_refuses_a_plan_beyond_shared_memory():

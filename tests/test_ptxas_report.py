@@ -95,17 +95,23 @@ def test_report_refuses_a_function_without_kernels():
     pr.report(lambda x: x + 1, jnp.zeros(3), toolchain=toolchain)
 
 
-@pytest.mark.parametrize("window,heads,kv_heads,limits", [
-    (32, 12, 2, (40, 152)),   # 192 rows: three compute warpgroups
-    (32, 28, 4, (40, 232)),   # 224 rows in 128-row tiles: two
-    (8, 12, 2, (40, 256))])   # 48 rows: one
-def test_decode_kernel_compiles_for_sm90_without_spills(window, heads, kv_heads, limits):
+@pytest.mark.parametrize("window,heads,kv_heads,limits,p_from_registers,max_spill", [
+    (32, 12, 2, (40, 152), None, 0),    # 192 rows: three compute warpgroups
+    (32, 28, 4, (40, 232), None, 0),    # 224 rows in 128-row tiles: two
+    (8, 12, 2, (40, 256), None, 0),     # 48 rows: one
+    # P through shared memory adds a second accumulator: at 152 registers ptxas spills 36
+    # bytes a thread (jaxlib 0.12.0.1, ptxas 12.9), still without serializing the wgmmas.
+    (32, 12, 2, (40, 152), False, 64),
+    (8, 12, 2, (40, 256), False, 0)])
+def test_decode_kernel_compiles_for_sm90(window, heads, kv_heads, limits, p_from_registers,
+                                         max_spill):
   toolchain = _toolchain_or_skip()
-  fn, args = _decode_window(window=window, heads=heads, kv_heads=kv_heads)
+  fn, args = _decode_window(window=window, heads=heads, kv_heads=kv_heads,
+                            p_from_registers=p_from_registers)
   (kernel,) = pr.report(fn, *args, toolchain=toolchain)
   assert kernel.target == "sm_90a"
-  assert not kernel.spills and kernel.stack_frame_bytes == 0
-  assert kernel.warnings == ()   # ptxas would say here if it serialized the wgmmas
+  assert kernel.spill_store_bytes + kernel.spill_load_bytes <= max_spill
+  assert not any("serialized" in w for w in kernel.warnings)   # ptxas says so when it does
   assert kernel.register_limits == limits   # mosaic_window's set_max_registers, as ptxas saw
   assert kernel.wgmma_instructions > 0 and kernel.tma_copies > 0
 
