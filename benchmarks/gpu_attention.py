@@ -9,13 +9,16 @@ Sections (each guarded: one failing implementation still lets the others report)
    (GB/s, bytes read + bytes written), measured here, on this card.
 2. ``check``: every implementation against its reference on small shapes with fresh random
    inputs (block kernel forward and gradients for each mask, outputs NaN-poisoned; decode
-   windows over ragged lengths 1..Smax with NaN in the cache beyond each length; cudnn and the
+   windows over ragged lengths 1..Smax with NaN in the cache beyond each length; the mosaic
+   forward's training-mask output and gradients (not in the CPU smoke run); cudnn and the
    ``fdllm_jax.attention`` routes against the xla reference). Prints ||out-ref||/||ref||;
    a failed check prints CHECK FAILED and makes the exit status 1 (after all sections ran).
 3. ``train``: the training mask (x_t ++ x_0, block 32) at 2L = 2k/4k/8k/16k tokens
    (B = 16k / 2L rows), Qwen2.5-1.5B heads (Hq=12, Hkv=2, D=128), bf16; forward and
-   forward+backward; pallas vs xla vs cudnn (cudnn gets the mask as a dense boolean array:
-   it cannot skip tiles). Pallas tiling variants at 8k (not with --quick).
+   forward+backward; pallas and mosaic (``pallas_kernels.mosaic_block``: the forward on wgmma,
+   pallas' backward; not in the CPU smoke run) vs xla vs cudnn (cudnn gets the mask as a
+   dense boolean array: it cannot skip tiles). Pallas tiling variants at 8k (not with
+   --quick).
 4. ``decode``: a W=32 window over caches of 1k/4k/16k/32k keys (all rows full), batch 1 and 8;
    pallas, triton (jax-triton), mosaic (the wgmma kernel, ``pallas_kernels.mosaic_window``;
    bf16 only, not in the CPU smoke run; then ``mosaic[smem P]``, its form with P V from shared
@@ -325,6 +328,7 @@ class Bench:
     if "mosaic" in self.impls:
       self._check_window("mosaic")
       self._check_window("mosaic_smem_p")   # P V from shared memory: the interpreted form
+      self._check_block("training", "bfloat16", impl="mosaic")
     if "cudnn" in self.impls:
       self._check_cudnn()
     self._check_routes()
@@ -340,11 +344,16 @@ class Bench:
       return 1e-2
     return 1e-5 if self.smoke else 5e-3
 
-  def _check_block(self, kind, dtype_name):
-    @guarded("check", f"block_attention_{kind}_{dtype_name}")
+  def _check_block(self, kind, dtype_name, impl="pallas"):
+    @guarded("check", f"{'' if impl == 'pallas' else impl + '_'}block_attention_{kind}_"
+                      f"{dtype_name}")
     def run():
       jax, jnp = self.jax, self.jnp
       from pallas_kernels import block_kernel as bk
+      from pallas_kernels import mosaic_block as mb
+      if impl == "mosaic" and self.smoke:   # (tests/test_mosaic_block.py interprets it)
+        emit({"section": "check", "name": f"mosaic_block_{kind}", "skipped": "no GPU"})
+        return
       s = self._block_shapes()
       dtype = jnp.dtype(dtype_name)
       t = s["t"]
@@ -355,11 +364,12 @@ class Bench:
       v = jax.random.normal(keys[2], (s["batch"], t, s["hkv"], s["d"])).astype(dtype)
       cot = jax.random.normal(keys[3], q.shape).astype(dtype)
       f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-      kernel = jax.jit(lambda q, k, v, c: jax.vjp(
-          lambda *a: bk.block_attention(*a, kind=kind, block_size=block_size,
-                                        interpret=self.interpret, poison_outputs=True),
-          q, k, v)[1](c) + (bk.block_attention(q, k, v, kind=kind, block_size=block_size,
-                                               interpret=self.interpret, poison_outputs=True),))
+      if impl == "mosaic":   # forward on wgmma, backward block_kernel's
+        op = functools.partial(mb.mosaic_block_attention, kind=kind, block_size=block_size)
+      else:
+        op = functools.partial(bk.block_attention, kind=kind, block_size=block_size,
+                               interpret=self.interpret, poison_outputs=True)
+      kernel = jax.jit(lambda q, k, v, c: jax.vjp(op, q, k, v)[1](c) + (op(q, k, v),))
       reference = jax.jit(lambda q, k, v, c: jax.vjp(
           lambda *a: bk.block_attention_reference(*a, kind=kind, block_size=block_size),
           q, k, v)[1](c) + (bk.block_attention_reference(q, k, v, kind=kind,
@@ -368,7 +378,7 @@ class Bench:
       ref = reference(f32(q), f32(k), f32(v), f32(cot))
       tol = self._block_check_tolerance(dtype_name)
       for name, g, r in zip(("dq", "dk", "dv", "out"), got, ref):
-        self._check(f"pallas_block_{kind}_{dtype_name}_{name}", g, r, tol,
+        self._check(f"{impl}_block_{kind}_{dtype_name}_{name}", g, r, tol,
                     {"shape": f"B{s['batch']} T{t} Hq{s['hq']} Hkv{s['hkv']} D{s['d']}"})
     run()
 
@@ -501,8 +511,10 @@ class Bench:
                                               bwd_warps=4)),
                   ("pallas[s3]", bk.Tiling(num_stages=3))]
         else:
-          todo = [(i, None) for i in ("xla", "cudnn", "pallas") if i in self.impls]
+          todo = [(i, None) for i in ("xla", "cudnn", "pallas", "mosaic") if i in self.impls]
         for name, tiling in todo:
+          if name == "mosaic" and self.smoke:
+            continue
           if self.out_of_time(f"train {name} {mode} T={t}"):
             continue
           rec = self._time_train(name, tiling, t, batch, heads, block_size, mode, self.jnp.bfloat16)
@@ -555,6 +567,10 @@ class Bench:
         op = lambda q, k, v: bk.block_attention(  # noqa: E731
             q, k, v, kind=kind, block_size=block_size, interpret=self.interpret,
             tiling=tiling)
+      elif impl == "mosaic":
+        from pallas_kernels import mosaic_block as mb
+        op = lambda q, k, v: mb.mosaic_block_attention(  # noqa: E731
+            q, k, v, kind=kind, block_size=block_size)
       elif impl == "xla":
         op = lambda q, k, v: attn.xla_attention(q, k, v, mask=mask)  # noqa: E731
       else:

@@ -23,7 +23,10 @@ The other implementations and what they cover (``route(...)`` says which path a 
   itself lowers to Triton on GPU.
 * ``"mosaic"``: the decode step through ``pallas_kernels.mosaic_window`` (wgmma on Hopper,
   Pallas' Mosaic GPU backend; bf16 / f16 with D a multiple of 64, other decode steps run the
-  xla reference); the block masks go to the Pallas ``block_attention``, as for "triton".
+  xla reference); the block masks (the cases "pallas" sends to ``block_attention``) through
+  ``pallas_kernels.mosaic_block``: its forward on wgmma, ``block_attention``'s backward
+  kernels (bf16 / f16 with D a power of two >= 64; otherwise ``block_attention`` itself).
+  Interpreted (CPU), both need JAX >= 0.11.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``: ``is_causal`` for a
   plain causal mask, ``key_value_seq_lengths`` for ``Full`` with lengths, a boolean [T, S] mask
   otherwise. On a backend without cuDNN (CPU) the same call runs with jax's ``"xla"``
@@ -165,6 +168,11 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
     return block_kernel.block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, kind=chosen.kind,
                                         block_size=chosen.block_size, sm_scale=sm_scale,
                                         interpret=interpret)
+  if chosen.path == "mosaic_block":
+    from pallas_kernels import mosaic_block
+    return mosaic_block.mosaic_block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
+                                               kind=chosen.kind, block_size=chosen.block_size,
+                                               sm_scale=sm_scale, interpret=interpret)
   lengths_B = _window_lengths(kv_lengths_B, q_BxTxHxD.shape[0], k_BxSxKxD.shape[1])
   if chosen.path in ("window", "triton_window", "mosaic_window"):
     return _window_with_reference_gradient(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B,
@@ -178,10 +186,10 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
 class Route:
   """Which code path ``attention`` takes for a call (``route`` computes it from static data).
 
-  path: "xla", "block" (pallas block_attention), "window" (pallas window_attention),
-  "triton_window", "mosaic_window", "cudnn" or "splash"; kind/block_size: block_attention's
-  arguments; fallback: the requested implementation had no kernel and the xla reference runs
-  (reason says why).
+  path: "xla", "block" (pallas block_attention), "mosaic_block", "window" (pallas
+  window_attention), "triton_window", "mosaic_window", "cudnn" or "splash"; kind/block_size:
+  block_attention's arguments; fallback: the requested implementation had no kernel and the
+  xla reference runs (reason says why).
   """
 
   path: str
@@ -215,6 +223,8 @@ def route(implementation: str, mask, q_BxTxHxD, k_BxSxKxD, *, q_offset_B=None,
     return Route("triton_window" if implementation == "triton" else "window")
   block = _block_kind(mask, num_q, num_k)
   if block is not None and kv_lengths_B is None and _is_zero_offset(q_offset_B):
+    if implementation == "mosaic" and _mosaic_block_applies(q_BxTxHxD, k_BxSxKxD):
+      return Route("mosaic_block", kind=block[0], block_size=block[1])
     return Route("block", kind=block[0], block_size=block[1])
   what = (f"mask {type(mask).__name__} with T={num_q}, S={num_k}, "
           f"q_offset_B={'none' if q_offset_B is None else 'given'}, "
@@ -229,6 +239,13 @@ def _mosaic_window_route(q_BxTxHxD) -> Route:
                  reason=f"a decode window of dtype {dtype.name}, D={head_dim} (the Mosaic "
                         "kernel takes bf16 / f16 with D a multiple of 64)")
   return Route("mosaic_window")
+
+
+def _mosaic_block_applies(q_BxTxHxD, k_BxSxKxD) -> bool:
+  """``pallas_kernels.mosaic_block.supports``, without importing Mosaic GPU to route."""
+  dtype, head_dim = jnp.dtype(q_BxTxHxD.dtype), q_BxTxHxD.shape[3]
+  return (dtype in (jnp.bfloat16, jnp.float16) and jnp.dtype(k_BxSxKxD.dtype) == dtype
+          and head_dim >= 64 and head_dim & (head_dim - 1) == 0)
 
 
 def _block_kind(mask, num_q, num_k):

@@ -9,12 +9,14 @@
   called through jax-triton (imported lazily; GPU only).
 * ``mosaic_window``: ``mosaic_window_attention``, the same decode step with its split kernel on
   Hopper's wgmma through Pallas' Mosaic GPU backend (bf16 / f16, D a multiple of 64).
+* ``mosaic_block``: ``mosaic_block_attention``, ``block_attention`` with its forward on wgmma
+  (Mosaic GPU) and its backward the Pallas kernels'.
 * ``ptxas_report``: Mosaic GPU kernels compiled for sm_90a on a machine without a GPU
   (registers, spills, ptxas' warnings); a tool, not imported here.
 
 The Pallas kernels of ``block_kernel`` and ``window_kernel`` lower to Triton on GPU and run in
 Pallas' interpreter with ``interpret=True`` (CPU tests); ``mosaic_window`` lowers to Mosaic
-GPU and runs in Mosaic GPU's interpreter (JAX >= 0.11).
+GPU and runs in Mosaic GPU's interpreter (JAX >= 0.11), as does ``mosaic_block``'s forward.
 """
 
 from pallas_kernels.block_kernel import (KINDS, Tiling, block_attention,
@@ -22,6 +24,7 @@ from pallas_kernels.block_kernel import (KINDS, Tiling, block_attention,
                                          key_tile_segments, mask_allowed,
                                          query_tile_segments, visited_key_tiles,
                                          visited_tiles)
+from pallas_kernels.mosaic_block import mosaic_block_attention
 from pallas_kernels.mosaic_window import mosaic_plan, mosaic_window_attention
 from pallas_kernels.triton_window import triton_window_attention
 from pallas_kernels.window_kernel import (DecodePlan, decode_plan, split_tiles,
@@ -32,5 +35,5 @@ __all__ = [
     "key_tile_segments", "mask_allowed", "query_tile_segments", "visited_key_tiles",
     "visited_tiles",
     "DecodePlan", "decode_plan", "split_tiles", "window_attention", "window_attention_reference",
-    "triton_window_attention", "mosaic_plan", "mosaic_window_attention",
+    "triton_window_attention", "mosaic_plan", "mosaic_window_attention", "mosaic_block_attention",
 ]

@@ -88,7 +88,8 @@ def mask_allowed(kind: str, q_idx, k_idx, *, block_size: int, seq_len: int | Non
     q_blk = cm.idiv(q_idx - q_stream * length, b)
     k_blk = cm.idiv(k_idx - k_stream * length, b)
     same = (q_blk == k_blk) & (q_stream == k_stream)
-    noisy_sees_clean = ~q_clean & k_clean & (q_blk > k_blk)
+    # (q_stream < n_noisy, not ~q_clean: Mosaic GPU cannot negate 1-bit registers)
+    noisy_sees_clean = (q_stream < n_noisy) & k_clean & (q_blk > k_blk)
     clean_causal = q_clean & k_clean & (q_blk >= k_blk)
     return same | noisy_sees_clean | clean_causal
   raise ValueError(f"block_attention kind={kind!r} is unknown; use one of {KINDS}")
@@ -110,6 +111,12 @@ class Segment:
   full_hi: jax.Array
 
 
+def _like(x, value):
+  """``value`` with ``x``'s shape, by arithmetic on ``x`` (inside Mosaic GPU kernels JAX 0.12
+  may turn ``jnp.full_like`` of a scalar into a constant the kernel lowering refuses)."""
+  return x * 0 + value
+
+
 def _stream_intervals(kind, direction, r, subset, *, block_size, length, n_queries):
   """Visible column interval per column stream for row index ``r`` in row ``subset``.
 
@@ -122,12 +129,12 @@ def _stream_intervals(kind, direction, r, subset, *, block_size, length, n_queri
   b = block_size
   if kind == "causal":
     if direction == "fwd":
-      return [(jnp.zeros_like(r), r + 1)]
-    return [(r, jnp.full_like(r, n_queries))]
+      return [(_like(r, 0), r + 1)]
+    return [(r, _like(r, n_queries))]
   if kind == "block_causal":
     if direction == "fwd":
-      return [(jnp.zeros_like(r), (cm.idiv(r, b) + 1) * b)]
-    return [(cm.idiv(r, b) * b, jnp.full_like(r, n_queries))]
+      return [(_like(r, 0), (cm.idiv(r, b) + 1) * b)]
+    return [(cm.idiv(r, b) * b, _like(r, n_queries))]
   # training kinds: column stream s covers [s L, (s + 1) L); streams 0 .. n-1 are noisy (x_t,
   # one per view), stream n is the clean x_0
   n = TRAINING_KINDS[kind]
@@ -138,16 +145,16 @@ def _stream_intervals(kind, direction, r, subset, *, block_size, length, n_queri
     blk = cm.idiv(r - start, b)
     intervals[subset] = (start + blk * b, start + blk * b + b)
     if direction == "fwd":  # noisy query: its own noisy block, and clean blocks before it
-      intervals[n] = (jnp.full_like(r, clean_start), clean_start + blk * b)
+      intervals[n] = (_like(r, clean_start), clean_start + blk * b)
     return intervals       # noisy key: seen by the noisy queries of its block only
   blk = cm.idiv(r - clean_start, b)
   if direction == "fwd":   # clean query: clean blocks up to its own
-    intervals[n] = (jnp.full_like(r, clean_start), clean_start + (blk + 1) * b)
+    intervals[n] = (_like(r, clean_start), clean_start + (blk + 1) * b)
     return intervals
   # clean key: every noisy stream's queries of later blocks, clean queries of its block and later
   for s in range(n):
-    intervals[s] = (s * length + (blk + 1) * b, jnp.full_like(r, (s + 1) * length))
-  intervals[n] = (clean_start + blk * b, jnp.full_like(r, clean_start + length))
+    intervals[s] = (s * length + (blk + 1) * b, _like(r, (s + 1) * length))
+  intervals[n] = (clean_start + blk * b, _like(r, clean_start + length))
   return intervals
 
 
@@ -172,8 +179,8 @@ def _segments(kind, direction, row_tile, *, n_rows, n_cols, block_size, tile_r, 
 
   segments = []
   for s in range(n_streams):
-    u_lo, u_hi = jnp.full_like(r0, _BIG), jnp.zeros_like(r0)     # union of visible columns
-    v_lo, v_hi = jnp.zeros_like(r0), jnp.full_like(r0, _BIG)     # intersection
+    u_lo, u_hi = _like(r0, _BIG), _like(r0, 0)     # union of visible columns
+    v_lo, v_hi = _like(r0, 0), _like(r0, _BIG)     # intersection
     for name, _, _, present in subsets:
       a, z = first[name][s], last[name][s]
       if a is None:   # this row subset sees nothing of stream s: the intersection is empty
@@ -197,7 +204,7 @@ def _segments(kind, direction, row_tile, *, n_rows, n_cols, block_size, tile_r, 
   # A column tile straddling two streams may be in both unions: visit it once, in the earlier
   # segment (masked there: a straddling tile is never inside one stream's intersection).
   # Earlier segments lie in earlier columns, so only their last tile can be shared.
-  visited_hi = jnp.zeros_like(r0)
+  visited_hi = _like(r0, 0)
   for s in range(n_streams):
     lo, hi, f_lo, f_hi = segments[s]
     if s:

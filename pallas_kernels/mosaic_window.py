@@ -16,7 +16,7 @@ compute warpgroups (64 packed query rows each) and one memory warpgroup:
 
 Compiled, P stays in registers and P V accumulates in place (``run_state``). Mosaic GPU's
 interpreter takes neither, so interpreted P goes through shared memory into a fresh
-accumulator that is then added (``_accumulate_pv``): the CPU tests check everything else
+accumulator that is then added (``accumulate_pv``): the CPU tests check everything else
 (tiles, masks, the pipeline's barriers); lowering tests check the compiled form, and the
 check section of ``benchmarks/gpu_attention.py`` its numbers on a GPU. The interpreted form
 also compiles (``p_from_registers=False``): the GPU benchmarks check and time both, so that a
@@ -61,7 +61,7 @@ def interpreter_supported() -> bool:
   return jax.__version_info__ >= (0, 11)
 
 
-def _interpret_params(interpret):
+def interpret_params(interpret):
   """``interpret`` as ``plgpu.kernel`` takes it: None (compile for the GPU) or the
   interpreter's parameters (``True``: the defaults, which fill fresh buffers with NaN)."""
   if interpret is False or interpret is None:
@@ -116,7 +116,7 @@ def _check_supported(q, plan: wk.DecodePlan):
 MEMORY_REGISTERS = 40
 
 
-def _compute_registers(num_compute_warpgroups: int) -> int:
+def compute_registers(num_compute_warpgroups: int) -> int:
   return min(256, (512 - MEMORY_REGISTERS) // num_compute_warpgroups // 8 * 8)
 
 
@@ -168,7 +168,7 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
     def _compute():
       rows = pl.ds(pl.multiple_of(r_tile * plan.tile_r + wg * ROWS_PER_WARPGROUP,
                                   ROWS_PER_WARPGROUP), ROWS_PER_WARPGROUP)
-      plgpu.set_max_registers(_compute_registers(n_wg), action="increase")
+      plgpu.set_max_registers(compute_registers(n_wg), action="increase")
       my_q = q_smem.at[wg]
       plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], my_q, q_bar.at[wg])
       plgpu.barrier_wait(q_bar.at[wg])
@@ -209,7 +209,7 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
 
           plgpu.barrier_wait(clean_bar)
 
-        acc = _accumulate_pv(acc, p.astype(v_smem.dtype), v_smem.at[slot],
+        acc = accumulate_pv(acc, p.astype(v_smem.dtype), v_smem.at[slot],
                              None if p_smem is None else p_smem.at[wg])
         plgpu.barrier_arrive(released.at[slot])
         return acc, m_new, l
@@ -253,7 +253,7 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
   )
 
 
-def _accumulate_pv(acc, p, v_tile, p_smem):
+def accumulate_pv(acc, p, v_tile, p_smem):
   """acc + P V on wgmma. ``p_smem`` None: P from registers, accumulated in place
   (``run_state``; compiled only). Else P through shared memory into a fresh accumulator,
   added (the interpreter takes only this form; the GPU check of
@@ -271,7 +271,7 @@ def _accumulate_pv(acc, p, v_tile, p_smem):
   return acc + pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
 
 
-def _use_p_from_registers(p_from_registers: bool | None, interpret) -> bool:
+def use_p_from_registers(p_from_registers: bool | None, interpret) -> bool:
   interpreted = bool(interpret)
   if p_from_registers is None:
     return not interpreted
@@ -288,7 +288,7 @@ def mosaic_window_partials(q, k, v, kv_lengths, *, sm_scale: float | None = None
   """The split kernel: per-chunk outputs [B, Hkv, splits, rows_pad, D_pad] (float32,
   normalised within the chunk) and base-2 log-sum-exps [B, Hkv, splits, rows_pad]."""
   kv_lengths = wk._validate(q, k, v, kv_lengths)
-  p_from_registers = _use_p_from_registers(p_from_registers, interpret)
+  p_from_registers = use_p_from_registers(p_from_registers, interpret)
   batch, window, hq, d = q.shape
   smax, hkv = k.shape[1], k.shape[2]
   plan = plan or mosaic_plan(batch, window, hq, hkv, d, smax)
@@ -310,7 +310,7 @@ def mosaic_window_partials(q, k, v, kv_lengths, *, sm_scale: float | None = None
       grid=(plan.num_row_tiles, plan.num_splits, hkv, batch),
       grid_names=("row_tile", "split", "head", "row"),
       num_threads=plan.tile_r // ROWS_PER_WARPGROUP + 1, thread_name="wg",
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
   )
   return kernel(kv_lengths, qp, k, v)
 

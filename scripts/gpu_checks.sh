@@ -4,12 +4,13 @@
 #
 #   1. benchmarks/gpu_attention.py, decode windows: every window kernel (pallas, mosaic, xla,
 #      cudnn; triton too when jax-triton imports) checked against the reference on a poisoned
-#      ragged cache, then timed over 1k-32k caches at batch 1 and 8;
+#      ragged cache (and the training-mask kernels, mosaic's forward included, against theirs),
+#      then timed over 1k-32k caches at batch 1 and 8;
 #   2. benchmarks/gpu_decode_sweep.py --sections baseline --device-time: the issue's decode
 #      shapes (32 x 8, 8 x 8, 32 x 1 over 16k keys), host and device time, Pallas beside the
 #      Mosaic GPU kernel at 2 and 3 stages (and with P V from shared memory);
-#   3. benchmarks/gpu_attention.py, training mask: pallas against cudnn at 8k and 2k tokens
-#      (forward and forward + backward).
+#   3. benchmarks/gpu_attention.py, training mask: pallas and mosaic (its forward on wgmma)
+#      against cudnn at 8k and 2k tokens (forward and forward + backward).
 #
 #   bash scripts/gpu_checks.sh OUT_DIR             # on a GPU
 #   SMOKE=1 bash scripts/gpu_checks.sh OUT_DIR     # on CPU: tiny shapes, the scripts' own check
@@ -46,6 +47,6 @@ part decode gpu_attention.py --sections ceilings,check,decode --quick \
   --impls pallas,triton,mosaic,xla,cudnn --time-budget 170
 part decode_sweep gpu_decode_sweep.py --sections baseline --device-time \
   --shapes "$sweep_shapes" --time-budget 150
-part train gpu_attention.py --sections ceilings,train --quick --impls pallas,cudnn \
+part train gpu_attention.py --sections ceilings,train --quick --impls pallas,mosaic,cudnn \
   --time-budget 120
 exit $status

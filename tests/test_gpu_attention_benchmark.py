@@ -28,7 +28,8 @@ def test_cpu_smoke_run_reports_every_section(tmp_path):
                                          "attention_pallas_Training", "attention_pallas_Full",
                                          "attention_mosaic_Full"}   # (D=32: the xla fallback)
   skipped = {r["name"] for r in records if r["section"] == "check" and "skipped" in r}
-  assert {"window_triton", "window_mosaic", "window_mosaic_smem_p"} <= skipped   # GPU only
+  assert {"window_triton", "window_mosaic", "window_mosaic_smem_p",
+          "mosaic_block_training"} <= skipped   # GPU only
   train = {(r["impl"], r["mode"]) for r in records if r["section"] == "train"}
   assert train == {(i, m) for i in ("pallas", "xla", "cudnn", "pallas[shared]")
                    for m in ("fwd", "fwd+bwd")}

@@ -139,8 +139,8 @@ def test_attention_falls_back_where_the_kernel_does_not_apply():
   odd_d = attn.route("mosaic", masks.Full(), jnp.zeros((1, 8, 4, 80), jnp.bfloat16),
                      jnp.zeros((1, 16, 2, 80), jnp.bfloat16), kv_lengths_B=lengths)
   assert odd_d.fallback and "D=80" in odd_d.reason
-  q = jnp.zeros((1, 64, 4, 64), jnp.bfloat16)
-  assert attn.route("mosaic", masks.Causal(), q, q[:, :, :2]).path == "block"
+  q = jnp.zeros((1, 64, 4, 64), jnp.bfloat16)   # block masks: tests/test_mosaic_block.py
+  assert attn.route("mosaic", masks.Causal(), q, q[:, :, :2]).path == "mosaic_block"
 
 
 def test_unsupported_inputs_are_refused():

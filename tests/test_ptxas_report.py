@@ -122,6 +122,21 @@ def test_old_jax_is_refused_with_its_version():
     pr.compile_for_sm90(b"", pr.Toolchain(*(4 * [None])))
 
 
+@pytest.mark.parametrize("kind,t", [("training", 2048), ("block_causal", 1024)])
+def test_block_forward_compiles_for_sm90_without_spills(kind, t):
+  """mosaic_block's forward at Qwen2.5-1.5B's heads, with the backward's float32 output."""
+  from pallas_kernels import mosaic_block as mb
+  toolchain = _toolchain_or_skip()
+  q = jax.ShapeDtypeStruct((1, t, 12, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, t, 2, 128), jnp.bfloat16)
+  fn = lambda *a: jax.vjp(lambda *a: mb.mosaic_block_attention(*a, kind=kind, block_size=32),
+                          *a)[0]
+  (kernel,) = pr.report(fn, q, kv, kv, toolchain=toolchain)
+  assert kernel.target == "sm_90a" and not kernel.spills and kernel.warnings == ()
+  assert kernel.register_limits == (40, 232)   # two compute warpgroups
+  assert kernel.wgmma_instructions > 0
+
+
 def test_a_broken_module_is_reported_with_the_compiler_output():
   toolchain = _toolchain_or_skip()
   with pytest.raises(RuntimeError, match="no ptxas report"):
