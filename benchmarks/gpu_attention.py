@@ -15,10 +15,10 @@ Sections (each guarded: one failing implementation still lets the others report)
    a failed check prints CHECK FAILED and makes the exit status 1 (after all sections ran).
 3. ``train``: the training mask (x_t ++ x_0, block 32) at 2L = 2k/4k/8k/16k tokens
    (B = 16k / 2L rows), Qwen2.5-1.5B heads (Hq=12, Hkv=2, D=128), bf16; forward and
-   forward+backward; pallas and mosaic (``pallas_kernels.mosaic_block``: the forward on wgmma,
-   pallas' backward; not in the CPU smoke run) vs xla vs cudnn (cudnn gets the mask as a
-   dense boolean array: it cannot skip tiles). Pallas tiling variants at 8k (not with
-   --quick).
+   forward+backward; pallas and mosaic (``pallas_kernels.mosaic_block``, forward and backward
+   on wgmma; then ``mosaic[pallas bwd]``, its forward with pallas' backward kernels; not in the
+   CPU smoke run) vs xla vs cudnn (cudnn gets the mask as a dense boolean array: it cannot
+   skip tiles). Pallas tiling variants at 8k (not with --quick).
 4. ``decode``: a W=32 window over caches of 1k/4k/16k/32k keys (all rows full), batch 1 and 8;
    pallas, triton (jax-triton), mosaic (the wgmma kernel, ``pallas_kernels.mosaic_window``;
    bf16 only, not in the CPU smoke run; then ``mosaic[smem P]``, its form with P V from shared
@@ -364,7 +364,7 @@ class Bench:
       v = jax.random.normal(keys[2], (s["batch"], t, s["hkv"], s["d"])).astype(dtype)
       cot = jax.random.normal(keys[3], q.shape).astype(dtype)
       f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-      if impl == "mosaic":   # forward on wgmma, backward block_kernel's
+      if impl == "mosaic":   # forward and backward on wgmma
         op = functools.partial(mb.mosaic_block_attention, kind=kind, block_size=block_size)
       else:
         op = functools.partial(bk.block_attention, kind=kind, block_size=block_size,
@@ -512,8 +512,10 @@ class Bench:
                   ("pallas[s3]", bk.Tiling(num_stages=3))]
         else:
           todo = [(i, None) for i in ("xla", "cudnn", "pallas", "mosaic") if i in self.impls]
+          if "mosaic" in self.impls and mode == "fwd+bwd":   # timed last
+            todo.append(("mosaic[pallas bwd]", None))
         for name, tiling in todo:
-          if name == "mosaic" and self.smoke:
+          if name.startswith("mosaic") and self.smoke:
             continue
           if self.out_of_time(f"train {name} {mode} T={t}"):
             continue
@@ -569,8 +571,9 @@ class Bench:
             tiling=tiling)
       elif impl == "mosaic":
         from pallas_kernels import mosaic_block as mb
+        backward = "pallas" if name == "mosaic[pallas bwd]" else "mosaic"
         op = lambda q, k, v: mb.mosaic_block_attention(  # noqa: E731
-            q, k, v, kind=kind, block_size=block_size)
+            q, k, v, kind=kind, block_size=block_size, backward=backward)
       elif impl == "xla":
         op = lambda q, k, v: attn.xla_attention(q, k, v, mask=mask)  # noqa: E731
       else:

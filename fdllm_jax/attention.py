@@ -24,8 +24,8 @@ The other implementations and what they cover (``route(...)`` says which path a 
 * ``"mosaic"``: the decode step through ``pallas_kernels.mosaic_window`` (wgmma on Hopper,
   Pallas' Mosaic GPU backend; bf16 / f16 with D a multiple of 64, other decode steps run the
   xla reference); the block masks (the cases "pallas" sends to ``block_attention``) through
-  ``pallas_kernels.mosaic_block``: its forward on wgmma, ``block_attention``'s backward
-  kernels (bf16 / f16 with D a power of two >= 64; otherwise ``block_attention`` itself).
+  ``pallas_kernels.mosaic_block``, forward and backward on wgmma (bf16 / f16 with D a power of
+  two >= 64; otherwise ``block_attention`` itself).
   Interpreted (CPU), both need JAX >= 0.11.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``: ``is_causal`` for a
   plain causal mask, ``key_value_seq_lengths`` for ``Full`` with lengths, a boolean [T, S] mask

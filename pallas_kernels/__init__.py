@@ -9,14 +9,14 @@
   called through jax-triton (imported lazily; GPU only).
 * ``mosaic_window``: ``mosaic_window_attention``, the same decode step with its split kernel on
   Hopper's wgmma through Pallas' Mosaic GPU backend (bf16 / f16, D a multiple of 64).
-* ``mosaic_block``: ``mosaic_block_attention``, ``block_attention`` with its forward on wgmma
-  (Mosaic GPU) and its backward the Pallas kernels'.
+* ``mosaic_block``: ``mosaic_block_attention``, ``block_attention``'s forward, dQ and dK/dV
+  kernels on Hopper's wgmma through Pallas' Mosaic GPU backend.
 * ``ptxas_report``: Mosaic GPU kernels compiled for sm_90a on a machine without a GPU
   (registers, spills, ptxas' warnings); a tool, not imported here.
 
 The Pallas kernels of ``block_kernel`` and ``window_kernel`` lower to Triton on GPU and run in
 Pallas' interpreter with ``interpret=True`` (CPU tests); ``mosaic_window`` lowers to Mosaic
-GPU and runs in Mosaic GPU's interpreter (JAX >= 0.11), as does ``mosaic_block``'s forward.
+GPU and runs in Mosaic GPU's interpreter (JAX >= 0.11), as does ``mosaic_block``.
 """
 
 from pallas_kernels.block_kernel import (KINDS, Tiling, block_attention,

@@ -1,27 +1,35 @@
-"""``block_attention``'s forward on Hopper's tensor cores: Pallas' Mosaic GPU backend (wgmma).
+"""``block_attention`` on Hopper's tensor cores: Pallas' Mosaic GPU backend (wgmma).
 
-The same masks, tile skipping and outputs as ``block_kernel``'s forward (which lowers through
-Pallas' Triton backend, deprecated from JAX 0.11 on): the key-tile segments of
-``block_kernel.key_tile_segments`` are the loop bounds, hidden tiles are never loaded, fully
-visible tiles skip the mask, edge tiles evaluate ``block_kernel.mask_allowed``. The backward
-stays ``block_kernel``'s (dQ and dK/dV kernels), fed with this forward's float32 output and
-base-2 log-sum-exp, the residuals its own forward writes.
+The same masks, tile skipping, numerics and residuals as ``block_kernel`` (which lowers
+through Pallas' Triton backend, deprecated from JAX 0.11 on): the tile segments of
+``block_kernel.key_tile_segments`` / ``query_tile_segments`` are the loop bounds, hidden tiles
+are never loaded, fully visible tiles skip the mask, edge tiles evaluate
+``block_kernel.mask_allowed``. Three kernels, each with two compute warpgroups of 64 rows and
+one memory warpgroup that streams tiles by TMA into ``num_stages`` shared-memory slots (a slot
+is refilled once both compute warpgroups have released it); matmuls on wgmma, softmax in
+registers (the structure of ``mosaic_window``'s split kernel, whose ``accumulate_pv`` and
+register split this reuses):
 
-One program per (query tile of 128 rows, query head, batch row), heaviest tiles first, as
-``block_kernel``: two compute warpgroups of 64 query rows each and one memory warpgroup that
-streams the visited 64-key K/V tiles by TMA into ``num_stages`` shared-memory slots, in the
-segments' order; a slot is refilled once both compute warpgroups have released it. The compute
-warpgroups run S = Q K^T and O += P V on wgmma with the online softmax in registers (the
-structure of ``mosaic_window``'s split kernel, whose ``accumulate_pv`` and register split this
-reuses).
+* forward: one program per (128 query rows, query head, batch row), heaviest tiles first; the
+  visited 64-key K/V tiles streamed. Writes O, the base-2 log-sum-exp and, under ``jax.vjp``,
+  O in float32 (the backward's delta = rowsum(O dO)).
+* dQ: the forward's layout, K/V streamed: dQ += dS K with dS = P (dP - delta), dP = dO V^T.
+* dK/dV: one program per (128 keys, KV head, batch row), keys as rows; (Q, dO, lse, delta) of
+  64 query rows streamed for each visited query tile and, inside it, each query head of the
+  KV head (dK and dV summed over the group, no atomics): S^T = K Q^T, dV += P^T dO,
+  dP^T = V dO^T, dK += dS^T Q.
 
+``backward="pallas"`` takes ``block_kernel``'s dQ and dK/dV kernels instead (same residuals).
 Runs compiled on a Hopper GPU, and in Mosaic GPU's interpreter on CPU (``interpret=True``,
-JAX >= 0.11; the tests). Untimed: no GPU has run it yet.
+JAX >= 0.11; the tests). Compiled for sm_90a by ptxas (``ptxas_report``): the forward without
+spills; dQ and dK/dV spill some registers (README, "Decoding speed"). Untimed: no GPU has run
+it yet.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import jax
@@ -52,6 +60,55 @@ def supports(q, k) -> str | None:
   return None
 
 
+QUERY_TILE_DKV = 64   # query rows per step of the dK/dV kernel (its keys: TILE_Q per program)
+BACKWARDS = ("mosaic", "pallas")
+
+
+def _visit(segments, tile_body, carry, *, counts_itself=False):
+  """Runs ``tile_body(tile, count, carry, masked)`` over the segments' tiles in order: edge
+  tiles masked, the rest not; ``count`` numbers the pipeline's steps from 0 (their slot is
+  count % num_stages). Returns (steps, carry). ``counts_itself``: ``tile_body`` returns
+  (count after it, carry) (several steps per tile); else one step per tile."""
+  def run(lo, hi, masked, state):
+    def step(j, state):
+      count, inner = state
+      if counts_itself:
+        return tile_body(j, count, inner, masked)
+      return count + 1, tile_body(j, count, inner, masked)
+    return lax.fori_loop(lo, hi, step, state)
+
+  state = (jnp.int32(0), carry)
+  for seg in segments:
+    state = run(seg.lo, seg.full_lo, True, state)
+    state = run(seg.full_lo, seg.full_hi, False, state)
+    state = run(seg.full_hi, seg.hi, True, state)
+  return state
+
+
+def _drain(released, num_stages, steps):
+  """The memory warpgroup waits for the releases its fetches did not wait for (every phase
+  of a barrier it uses, as Mosaic GPU requires)."""
+  def wait(count, _):
+    plgpu.barrier_wait(released.at[lax.rem(count, num_stages)])
+    return ()
+  lax.fori_loop(jnp.maximum(steps - num_stages, 0), steps, wait, ())
+
+
+def _scores(rows_smem, cols_smem):
+  """rows @ cols^T on wgmma, float32 [64, tile]."""
+  def matmul(acc_ref):
+    plgpu.wgmma(acc_ref, rows_smem, cols_smem.transpose((1, 0)))
+    return acc_ref[...]
+  return pl.run_scoped(matmul, plgpu.ACC((rows_smem.shape[0], cols_smem.shape[0]), jnp.float32))
+
+
+def _allowed(geom, row0, col0, shape):
+  """The mask on a [query rows, key columns] tile starting at (row0, col0)."""
+  q_idx = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+  k_idx = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+  return geom.allowed(q_idx, k_idx)
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: bk._Geometry,
                     num_stages: int, p_from_registers: bool):
   d = geom.head_dim_pad
@@ -63,23 +120,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: bk._Geo
     i = n_q_tiles - 1 - lax.axis_index("q_tile")   # heaviest tiles (last rows) first
     h, b, wg = lax.axis_index("head"), lax.axis_index("row"), lax.axis_index("wg")
     kv_head = cm.idiv(h, geom.group)
-    segments = geom.key_segments(i, TILE_Q, TILE_K)
-
-    def visit(tile_body, carry):
-      """Runs ``tile_body(tile, count, carry, masked)`` over the visited key tiles in order;
-      ``count`` numbers them from 0 (their K/V slot is count % num_stages)."""
-      def run(lo, hi, masked, count_carry):
-        def step(j, state):
-          count, inner = state
-          return count + 1, tile_body(j, count, inner, masked)
-        return lax.fori_loop(lo, hi, step, count_carry)
-
-      state = (jnp.int32(0), carry)
-      for seg in segments:
-        state = run(seg.lo, seg.full_lo, True, state)
-        state = run(seg.full_lo, seg.full_hi, False, state)
-        state = run(seg.full_hi, seg.hi, True, state)
-      return state
+    visit = functools.partial(_visit, geom.key_segments(i, TILE_Q, TILE_K))
 
     @pl.when(wg == COMPUTE_WARPGROUPS)
     def _memory():
@@ -98,13 +139,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: bk._Geo
         plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
         return ()
 
-      n_tiles, _ = visit(fetch, ())
-
-      def drain(count, _):   # the releases fetch did not wait for
-        plgpu.barrier_wait(released.at[lax.rem(count, num_stages)])
-        return ()
-
-      lax.fori_loop(jnp.maximum(n_tiles - num_stages, 0), n_tiles, drain, ())
+      _drain(released, num_stages, visit(fetch, ())[0])
 
     @pl.when(wg < COMPUTE_WARPGROUPS)
     def _compute():
@@ -121,17 +156,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: bk._Geo
         slot = lax.rem(count, num_stages)
         plgpu.barrier_wait(k_bar.at[slot])
 
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].transpose((1, 0)))
-          return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((ROWS, TILE_K), jnp.float32)) * scale2
+        s = _scores(my_q, k_smem.at[slot]) * scale2
         if masked:
-          q_idx = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0,
-                                                layout=plgpu.Layout.WGMMA)
-          k_idx = j * TILE_K + plgpu.broadcasted_iota(jnp.int32, s.shape, 1,
-                                                      layout=plgpu.Layout.WGMMA)
-          s = jnp.where(geom.allowed(q_idx, k_idx), s, cm.MASK_VALUE)
+          s = jnp.where(_allowed(geom, row0, j * TILE_K, s.shape), s, cm.MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -208,20 +235,263 @@ def mosaic_forward(q, k, v, geom: bk._Geometry, *, float32_out: bool = False,
   return kernel(q, k, v)
 
 
+def load_vector(ref, layout):
+  """``plgpu.load`` of a whole shared-memory vector in ``layout`` (its index argument is
+  required on JAX 0.10, optional on 0.11, gone on 0.12)."""
+  if "idx" in inspect.signature(plgpu.load).parameters:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geom: bk._Geometry,
+               num_stages: int, p_from_registers: bool):
+  """dQ = scale * sum over visited key tiles of dS K, dS = P (dP - delta), dP = dO V^T: the
+  forward's program layout (128 query rows, two compute warpgroups), K/V streamed."""
+  d = geom.head_dim_pad
+  n_q_tiles = geom.t_pad // TILE_Q
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+  def body(q_smem, do_smem, k_smem, v_smem, ds_smem, lse_smem, delta_smem, row_bar, k_bar,
+           v_bar, released):
+    i = n_q_tiles - 1 - lax.axis_index("q_tile")
+    h, b, wg = lax.axis_index("head"), lax.axis_index("row"), lax.axis_index("wg")
+    kv_head = cm.idiv(h, geom.group)
+    visit = functools.partial(_visit, geom.key_segments(i, TILE_Q, TILE_K))
+
+    @pl.when(wg == COMPUTE_WARPGROUPS)
+    def _memory():
+      plgpu.set_max_registers(mw.MEMORY_REGISTERS, action="decrease")
+
+      def fetch(j, count, _, masked):
+        del masked
+        slot = lax.rem(count, num_stages)
+
+        @pl.when(count >= num_stages)
+        def _():
+          plgpu.barrier_wait(released.at[slot])
+
+        keys = pl.ds(pl.multiple_of(j * TILE_K, TILE_K), TILE_K)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
+        return ()
+
+      _drain(released, num_stages, visit(fetch, ())[0])
+
+    @pl.when(wg < COMPUTE_WARPGROUPS)
+    def _compute():
+      plgpu.set_max_registers(mw.compute_registers(COMPUTE_WARPGROUPS), action="increase")
+      row0 = pl.multiple_of(i * TILE_Q + wg * ROWS, ROWS)
+      rows = pl.ds(row0, ROWS)
+      my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+      sources = ((q_ref.at[b, rows, h], my_q), (do_ref.at[b, rows, h], my_do),
+                 (lse_ref.at[b, h, rows], lse_smem.at[wg]),
+                 (delta_ref.at[b, h, rows], delta_smem.at[wg]))
+      for n, (src, dst) in enumerate(sources):
+        plgpu.copy_gmem_to_smem(src, dst, row_bar.at[wg * len(sources) + n])
+      for n in range(len(sources)):
+        plgpu.barrier_wait(row_bar.at[wg * len(sources) + n])
+      lse = load_vector(lse_smem.at[wg], plgpu.Layout.WGMMA.reduce(1))
+      delta = load_vector(delta_smem.at[wg], plgpu.Layout.WGMMA.reduce(1))
+      scale2 = geom.scale * cm.LOG2E
+      scratch = None if p_from_registers else ds_smem.at[wg]
+
+      def tile(j, count, dq, masked):
+        slot = lax.rem(count, num_stages)
+        plgpu.barrier_wait(k_bar.at[slot])
+        s = _scores(my_q, k_smem.at[slot]) * scale2
+        if masked:
+          s = jnp.where(_allowed(geom, row0, j * TILE_K, s.shape), s, cm.MASK_VALUE)
+        p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+        plgpu.barrier_wait(v_bar.at[slot])
+        dp = _scores(my_do, v_smem.at[slot])
+        ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+        dq = mw.accumulate_pv(dq, ds.astype(k_smem.dtype), k_smem.at[slot], scratch)
+        plgpu.barrier_arrive(released.at[slot])
+        return dq
+
+      dq = plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+      _, dq = visit(tile, dq)
+      my_q[...] = (dq * geom.scale).astype(my_q.dtype)   # q is no longer needed
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_q, dq_ref.at[b, rows, h])
+      plgpu.wait_smem_to_gmem(0)
+
+  dtype, n_wg = q_ref.dtype, COMPUTE_WARPGROUPS
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((n_wg, ROWS, d), dtype, transforms=swizzled),
+      plgpu.SMEM((n_wg, ROWS, d), dtype, transforms=swizzled),
+      plgpu.SMEM((num_stages, TILE_K, d), dtype, transforms=swizzled),
+      plgpu.SMEM((num_stages, TILE_K, d), dtype, transforms=swizzled),
+      None if p_from_registers else
+      plgpu.SMEM((n_wg, ROWS, TILE_K), dtype, transforms=swizzled),
+      plgpu.SMEM((n_wg, ROWS), jnp.float32),
+      plgpu.SMEM((n_wg, ROWS), jnp.float32),
+      plgpu.Barrier(num_barriers=n_wg * 4),
+      plgpu.Barrier(num_barriers=num_stages),
+      plgpu.Barrier(num_barriers=num_stages),
+      plgpu.Barrier(num_arrivals=n_wg, num_barriers=num_stages),
+      collective_axes="wg",
+  )
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                geom: bk._Geometry, num_stages: int, p_from_registers: bool):
+  """dK, dV of 128 keys (two compute warpgroups of 64), summed over the query tiles that see
+  them (``query_tile_segments``) and the query heads of their KV head, with keys as rows:
+  S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q. The memory warpgroup streams
+  (Q, dO, lse, delta) of 64 query rows per step."""
+  d = geom.head_dim_pad
+  n_k_tiles = geom.s_pad // TILE_Q
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+  def body(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, scratch_smem, kv_bar, q_bar,
+           do_bar, lse_bar, delta_bar, released):
+    j = n_k_tiles - 1 - lax.axis_index("k_tile")   # (their cost is even: any order)
+    kv_head, b, wg = lax.axis_index("head"), lax.axis_index("row"), lax.axis_index("wg")
+    group = geom.group
+
+    def visit(step_body, carry):
+      """``step_body(q_tile, head, count, carry, masked)`` over the visited query tiles and,
+      inside each, the query heads of this KV head."""
+      def tile_body(i, count, carry, masked):
+        def head(g, state):
+          n, inner = state
+          return n + 1, step_body(i, kv_head * group + g, n, inner, masked)
+        return lax.fori_loop(0, group, head, (count, carry))
+
+      segments = geom.query_segments(j, QUERY_TILE_DKV, TILE_Q)
+      return _visit(segments, tile_body, carry, counts_itself=True)
+
+    @pl.when(wg == COMPUTE_WARPGROUPS)
+    def _memory():
+      plgpu.set_max_registers(mw.MEMORY_REGISTERS, action="decrease")
+
+      def fetch(i, h, count, _, masked):
+        del masked
+        slot = lax.rem(count, num_stages)
+
+        @pl.when(count >= num_stages)
+        def _():
+          plgpu.barrier_wait(released.at[slot])
+
+        rows = pl.ds(pl.multiple_of(i * QUERY_TILE_DKV, QUERY_TILE_DKV), QUERY_TILE_DKV)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], lse_bar.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot],
+                                delta_bar.at[slot])
+        return ()
+
+      _drain(released, num_stages, visit(fetch, ())[0])
+
+    @pl.when(wg < COMPUTE_WARPGROUPS)
+    def _compute():
+      plgpu.set_max_registers(mw.compute_registers(COMPUTE_WARPGROUPS), action="increase")
+      key0 = pl.multiple_of(j * TILE_Q + wg * ROWS, ROWS)
+      keys = pl.ds(key0, ROWS)
+      my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+      plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], my_k, kv_bar.at[2 * wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], my_v, kv_bar.at[2 * wg + 1])
+      plgpu.barrier_wait(kv_bar.at[2 * wg])
+      plgpu.barrier_wait(kv_bar.at[2 * wg + 1])
+      scale2 = geom.scale * cm.LOG2E
+      scratch = None if p_from_registers else scratch_smem.at[wg]
+
+      def step(i, h, count, carry, masked):
+        del h
+        dk, dv = carry
+        slot = lax.rem(count, num_stages)
+        plgpu.barrier_wait(q_bar.at[slot])
+        plgpu.barrier_wait(lse_bar.at[slot])
+        s_t = _scores(my_k, q_smem.at[slot]) * scale2          # [keys, queries]
+        if masked:
+          shape = s_t.shape
+          q_idx = i * QUERY_TILE_DKV + plgpu.broadcasted_iota(jnp.int32, shape, 1,
+                                                              layout=plgpu.Layout.WGMMA)
+          k_idx = key0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+          ok = geom.allowed(q_idx, k_idx) & (q_idx < geom.num_queries)
+          s_t = jnp.where(ok, s_t, cm.MASK_VALUE)
+        lse = load_vector(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+        p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+        plgpu.barrier_wait(do_bar.at[slot])
+        dv = mw.accumulate_pv(dv, p_t.astype(my_v.dtype), do_smem.at[slot], scratch)
+        plgpu.barrier_wait(delta_bar.at[slot])
+        dp_t = _scores(my_v, do_smem.at[slot])
+        delta = load_vector(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
+        dk = mw.accumulate_pv(dk, ds_t.astype(my_k.dtype), q_smem.at[slot], scratch)
+        plgpu.barrier_arrive(released.at[slot])
+        return dk, dv
+
+      zeros = plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+      _, (dk, dv) = visit(step, (zeros, zeros))
+      for grad, buffer, out in ((dk * geom.scale, my_k, dk_ref), (dv, my_v, dv_ref)):
+        buffer[...] = grad.astype(buffer.dtype)   # K and V are no longer needed
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buffer, out.at[b, keys, kv_head])
+      plgpu.wait_smem_to_gmem(0)
+
+  dtype, n_wg = k_ref.dtype, COMPUTE_WARPGROUPS
+  tq = QUERY_TILE_DKV
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((n_wg, ROWS, d), dtype, transforms=swizzled),
+      plgpu.SMEM((n_wg, ROWS, d), dtype, transforms=swizzled),
+      plgpu.SMEM((num_stages, tq, d), dtype, transforms=swizzled),
+      plgpu.SMEM((num_stages, tq, d), dtype, transforms=swizzled),
+      plgpu.SMEM((num_stages, tq), jnp.float32),
+      plgpu.SMEM((num_stages, tq), jnp.float32),
+      None if p_from_registers else plgpu.SMEM((n_wg, ROWS, tq), dtype, transforms=swizzled),
+      plgpu.Barrier(num_barriers=n_wg * 2),
+      *(plgpu.Barrier(num_barriers=num_stages) for _ in range(4)),
+      plgpu.Barrier(num_arrivals=n_wg, num_barriers=num_stages),
+      collective_axes="wg",
+  )
+
+
+def mosaic_backward(q, k, v, o32, lse, do, geom: bk._Geometry, *, interpret: Any = False,
+                    num_stages: int = DEFAULT_NUM_STAGES, p_from_registers: bool | None = None):
+  """``block_kernel._backward`` on Mosaic GPU: (dq, dk, dv) of padded inputs, from the
+  forward's float32 output and base-2 log-sum-exp."""
+  p_from_registers = mw.use_p_from_registers(p_from_registers, interpret)
+  b, t_pad, hq, d = q.shape
+  hkv = k.shape[2]
+  delta = jnp.einsum("bthd,bthd->bht", o32.astype(jnp.float32), do.astype(jnp.float32))
+  options = dict(geom=geom, num_stages=num_stages, p_from_registers=p_from_registers)
+  common = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+                interpret=mw.interpret_params(interpret))
+  dq = plgpu.kernel(functools.partial(_dq_kernel, **options),
+                    out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+                    grid=(t_pad // TILE_Q, hq, b), grid_names=("q_tile", "head", "row"),
+                    **common)(q, k, v, do, lse, delta)
+  dk, dv = plgpu.kernel(functools.partial(_dkv_kernel, **options),
+                        out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                        grid=(geom.s_pad // TILE_Q, hkv, b), grid_names=("k_tile", "head", "row"),
+                        **common)(q, k, v, do, lse, delta)
+  return dq, dk, dv
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _flash(q, k, v, geom, options):
-  return mosaic_forward(q, k, v, geom, **dict(options))[0]
+  return mosaic_forward(q, k, v, geom, **_kernel_options(options))[0]
+
+
+def _kernel_options(options):
+  return {key: value for key, value in options if key != "backward"}
 
 
 def _flash_fwd(q, k, v, geom, options):
-  o, lse, o32 = mosaic_forward(q, k, v, geom, float32_out=True, **dict(options))
+  o, lse, o32 = mosaic_forward(q, k, v, geom, float32_out=True, **_kernel_options(options))
   return o, (q, k, v, o32, lse)
 
 
 def _flash_bwd(geom, options, residuals, do):
-  del options
   q, k, v, o32, lse = residuals
-  return bk._backward(q, k, v, o32, lse, do, geom)
+  if dict(options)["backward"] == "pallas":
+    return bk._backward(q, k, v, o32, lse, do, geom)
+  return mosaic_backward(q, k, v, o32, lse, do, geom, **_kernel_options(options))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -230,36 +500,42 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def mosaic_block_attention(q, k, v, *, kind: str, block_size: int,
                            sm_scale: float | None = None, interpret: Any = False,
                            num_stages: int = DEFAULT_NUM_STAGES,
-                           p_from_registers: bool | None = None):
-  """``block_attention`` with its forward on wgmma (Hopper); see the module docstring.
+                           p_from_registers: bool | None = None, backward: str = "mosaic"):
+  """``block_attention`` on wgmma (Hopper); see the module docstring.
 
   Args:
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; bfloat16 or float16, D a power of two >= 64.
     kind: "causal", "block_causal", "training" or "training_shared".
     block_size: the diffusion block size of the mask (ignored by "causal").
     sm_scale: softmax scale, default D ** -0.5.
-    interpret: False (compile for a Hopper GPU), True (the interpreters: Mosaic GPU's for the
-      forward, JAX >= 0.11, Pallas' for the backward), or Mosaic GPU's ``InterpretGPUParams``.
-    num_stages: K/V shared-memory slots of the forward's pipeline.
-    p_from_registers: as ``mosaic_window_attention``'s (None: registers when compiled).
+    interpret: False (compile for a Hopper GPU), True (the interpreters: Mosaic GPU's,
+      JAX >= 0.11, and Pallas' for ``backward="pallas"``), or Mosaic GPU's
+      ``InterpretGPUParams``.
+    num_stages: shared-memory slots of each kernel's pipeline.
+    p_from_registers: as ``mosaic_window_attention``'s (None: registers when compiled); the
+      backward's dS and P^T take the same path.
+    backward: "mosaic" (this module's dQ and dK/dV kernels) or "pallas" (``block_kernel``'s,
+      through Pallas' Triton backend).
 
   Returns:
-    [B, T, Hq, D] in q's dtype; differentiable (``block_kernel``'s backward kernels).
+    [B, T, Hq, D] in q's dtype; differentiable.
   """
   bk._validate(q, k, v, kind, block_size)
   reason = supports(q, k)
   if reason:
     raise ValueError(f"mosaic_block_attention {reason}")
+  if backward not in BACKWARDS:
+    raise ValueError(f"mosaic_block_attention backward={backward!r}; use one of {BACKWARDS}")
   batch, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
-  t_pad, s_pad = cm.cdiv(t, TILE_Q) * TILE_Q, cm.cdiv(s, TILE_K) * TILE_K
+  t_pad, s_pad = cm.cdiv(t, TILE_Q) * TILE_Q, cm.cdiv(s, TILE_Q) * TILE_Q   # dK/dV: 128 keys
   scale = float(d ** -0.5 if sm_scale is None else sm_scale)
   geom = bk._Geometry(kind=kind, block_size=int(block_size), num_queries=t, num_keys=s,
                       t_pad=t_pad, s_pad=s_pad, head_dim_pad=d, num_heads=hq, num_kv_heads=hkv,
                       scale=scale, tiling=bk.default_tiling(d), interpret=bool(interpret),
                       poison=False)
   options = (("interpret", interpret), ("num_stages", num_stages),
-             ("p_from_registers", p_from_registers))
+             ("p_from_registers", p_from_registers), ("backward", backward))
   qp = cm.pad_axis(q, 1, t_pad)
   kp, vp = cm.pad_axis(k, 1, s_pad), cm.pad_axis(v, 1, s_pad)
   return _flash(qp, kp, vp, geom, options)[:, :t]

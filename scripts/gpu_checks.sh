@@ -4,13 +4,14 @@
 #
 #   1. benchmarks/gpu_attention.py, decode windows: every window kernel (pallas, mosaic, xla,
 #      cudnn; triton too when jax-triton imports) checked against the reference on a poisoned
-#      ragged cache (and the training-mask kernels, mosaic's forward included, against theirs),
+#      ragged cache (and the training-mask kernels, mosaic's included, against theirs),
 #      then timed over 1k-32k caches at batch 1 and 8;
 #   2. benchmarks/gpu_decode_sweep.py --sections baseline --device-time: the issue's decode
 #      shapes (32 x 8, 8 x 8, 32 x 1 over 16k keys), host and device time, Pallas beside the
 #      Mosaic GPU kernel at 2 and 3 stages (and with P V from shared memory);
-#   3. benchmarks/gpu_attention.py, training mask: pallas and mosaic (its forward on wgmma)
-#      against cudnn at 8k and 2k tokens (forward and forward + backward).
+#   3. benchmarks/gpu_attention.py, training mask: pallas and mosaic (forward and backward on
+#      wgmma; and its forward with pallas' backward) against cudnn at 8k and 2k tokens
+#      (forward and forward + backward).
 #
 #   bash scripts/gpu_checks.sh OUT_DIR             # on a GPU
 #   SMOKE=1 bash scripts/gpu_checks.sh OUT_DIR     # on CPU: tiny shapes, the scripts' own check

@@ -1,4 +1,4 @@
-"""pallas_kernels.mosaic_block: block_attention's forward on Mosaic GPU (wgmma).
+"""pallas_kernels.mosaic_block: block_attention's forward and backward on Mosaic GPU (wgmma).
 
 Forward and gradients run in Mosaic GPU's interpreter on JAX >= 0.11 (the 3.12+ environments of
 README "Tests"); on JAX 0.10 (Python 3.11, CI) those tests skip, and the tile logic, the
@@ -105,19 +105,46 @@ def test_forward_residuals_are_block_kernels():
 
 @needs_interpreter
 @pytest.mark.usefixtures("deadlock_guard")
-@pytest.mark.parametrize("kind,t", [("training", 256), ("block_causal", 200)])
-def test_gradients_match_the_reference(kind, t):
-  q, k, v, cot = _inputs(7, 2, t, 4, 2, 64)
+@pytest.mark.parametrize("kind,batch,t,hq,hkv,block_size,backward", [
+    ("training", 2, 256, 4, 2, 32, "mosaic"),
+    ("training", 1, 192, 2, 2, 16, "mosaic"),        # L = 96: tiles straddle the streams
+    ("training_shared", 1, 384, 7, 1, 32, "mosaic"),  # GQA 7: dK/dV sum seven heads
+    ("block_causal", 1, 200, 2, 1, 32, "mosaic"),    # ragged T: padded queries and keys
+    ("causal", 1, 130, 2, 2, 1, "mosaic"),
+    ("training", 2, 256, 4, 2, 32, "pallas")])       # block_kernel's backward kernels
+def test_gradients_match_the_reference(kind, batch, t, hq, hkv, block_size, backward):
+  """Every gradient element is written (fresh buffers are NaN in the interpreter)."""
+  q, k, v, cot = _inputs(7 + t, batch, t, hq, hkv, 64)
 
   def grads(fn):
     out, vjp = jax.vjp(fn, q, k, v)
     return vjp(cot.astype(out.dtype))
 
-  got = grads(lambda *a: mb.mosaic_block_attention(*a, kind=kind, block_size=32,
-                                                   interpret=True))
-  ref = grads(lambda *a: _reference(*a, kind=kind, block_size=32))
+  got = grads(lambda *a: mb.mosaic_block_attention(*a, kind=kind, block_size=block_size,
+                                                   interpret=True, backward=backward))
+  ref = grads(lambda *a: _reference(*a, kind=kind, block_size=block_size))
   for name, g, r in zip(("dq", "dk", "dv"), got, ref):
-    assert g.dtype == jnp.bfloat16 and _rel(g, r) <= 1e-2, name
+    assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+    assert _rel(g, r) <= 1e-2, name
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("deadlock_guard")
+def test_backward_on_the_shared_memory_path_and_race_detector():
+  """dS and P^T through shared memory (``p_from_registers=False``, what the interpreter runs),
+  three stages, JAX's race detector on the backward kernels."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  q, k, v, cot = _inputs(21, 1, 256, 2, 1, 64)
+  fn = lambda *a: mb.mosaic_block_attention(   # noqa: E731
+      *a, kind="training", block_size=32, num_stages=3,
+      interpret=InterpretGPUParams(detect_races=True))
+  got = jax.vjp(fn, q, k, v)[1](cot)
+  assert not interpret_pallas_call.get_races().races_found
+  ref = jax.vjp(lambda *a: _reference(*a, kind="training", block_size=32),
+                q, k, v)[1](cot.astype(jnp.float32))
+  for g, r in zip(got, ref):
+    assert _rel(g, r) <= 1e-2
 
 
 @needs_interpreter
@@ -147,6 +174,8 @@ def test_unsupported_inputs_are_refused():
   with pytest.raises(ValueError, match="p_from_registers=True needs the compiled kernel"):
     mb.mosaic_block_attention(q, k, v, kind="causal", block_size=1, interpret=True,
                               p_from_registers=True)
+  with pytest.raises(ValueError, match="backward='triton'; use one of"):
+    mb.mosaic_block_attention(q, k, v, kind="causal", block_size=1, backward="triton")
 
 
 def test_attention_routes_block_masks_to_the_kernel():
@@ -172,23 +201,25 @@ def test_attention_runs_the_kernel():
   assert _rel(out, ref) <= 1e-2
 
 
-@pytest.mark.parametrize("kind,t,stages", [
-    ("training", 8192, 2), ("training", 8192, 3), ("training_shared", 6144, 2),
-    ("block_causal", 2048, 3), ("causal", 4096, 2)])
-def test_lowers_for_hopper_within_shared_memory(kind, t, stages):
-  """Qwen2.5-1.5B's training shapes (12 query / 2 KV heads, D 128): the forward is one Mosaic
-  GPU kernel, the backward block_kernel's two (Triton)."""
+@pytest.mark.parametrize("kind,t,stages,backward", [
+    ("training", 8192, 2, "mosaic"), ("training", 8192, 3, "mosaic"),
+    ("training_shared", 6144, 2, "mosaic"), ("block_causal", 2048, 3, "mosaic"),
+    ("causal", 4096, 2, "mosaic"), ("training", 8192, 2, "pallas")])
+def test_lowers_for_hopper_within_shared_memory(kind, t, stages, backward):
+  """Qwen2.5-1.5B's training shapes (12 query / 2 KV heads, D 128): forward, dQ and dK/dV are
+  three Mosaic GPU kernels (with backward="pallas", the last two block_kernel's Triton)."""
   q = jnp.zeros((1, t, 12, 128), jnp.bfloat16)
   k = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
 
   def fwd_bwd(q, k, v):
     out, vjp = jax.vjp(lambda *a: mb.mosaic_block_attention(
-        *a, kind=kind, block_size=32, num_stages=stages), q, k, v)
+        *a, kind=kind, block_size=32, num_stages=stages, backward=backward), q, k, v)
     return out, vjp(out)
 
   text = lower_for_gpu(fwd_bwd, q, k, k)
-  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
-  assert text.count("xla.gpu.triton") == 2
+  mosaic, triton = (1, 2) if backward == "pallas" else (3, 0)
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic
+  assert text.count("xla.gpu.triton") == triton
 
 
 def test_lowering_refuses_a_pipeline_beyond_shared_memory():

@@ -122,19 +122,29 @@ def test_old_jax_is_refused_with_its_version():
     pr.compile_for_sm90(b"", pr.Toolchain(*(4 * [None])))
 
 
-@pytest.mark.parametrize("kind,t", [("training", 2048), ("block_causal", 1024)])
-def test_block_forward_compiles_for_sm90_without_spills(kind, t):
-  """mosaic_block's forward at Qwen2.5-1.5B's heads, with the backward's float32 output."""
+@pytest.mark.parametrize("kind,t,max_spills", [
+    # spilled bytes a thread (stores + loads) of forward, dQ, dK/dV; jaxlib 0.12.0.1, ptxas
+    # 12.9: the backward's two accumulators and masks exceed 232 registers a little
+    ("training", 2048, (0, 128, 1024)), ("causal", 1024, (0, 0, 256))])
+def test_block_kernels_compile_for_sm90(kind, t, max_spills):
+  """mosaic_block's three kernels at Qwen2.5-1.5B's heads, under jax.vjp."""
   from pallas_kernels import mosaic_block as mb
   toolchain = _toolchain_or_skip()
   q = jax.ShapeDtypeStruct((1, t, 12, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, t, 2, 128), jnp.bfloat16)
-  fn = lambda *a: jax.vjp(lambda *a: mb.mosaic_block_attention(*a, kind=kind, block_size=32),
-                          *a)[0]
-  (kernel,) = pr.report(fn, q, kv, kv, toolchain=toolchain)
-  assert kernel.target == "sm_90a" and not kernel.spills and kernel.warnings == ()
-  assert kernel.register_limits == (40, 232)   # two compute warpgroups
-  assert kernel.wgmma_instructions > 0
+
+  def fwd_bwd(*args):
+    out, vjp = jax.vjp(lambda *a: mb.mosaic_block_attention(*a, kind=kind, block_size=32),
+                       *args)
+    return out, vjp(out)
+
+  kernels = pr.report(fwd_bwd, q, kv, kv, toolchain=toolchain)
+  assert len(kernels) == 3
+  for kernel, max_spill in zip(kernels, max_spills):
+    assert kernel.target == "sm_90a" and kernel.register_limits == (40, 232)
+    assert kernel.spill_store_bytes + kernel.spill_load_bytes <= max_spill
+    assert not any("serialized" in w for w in kernel.warnings)
+    assert kernel.wgmma_instructions > 0
 
 
 def test_a_broken_module_is_reported_with_the_compiler_output():
