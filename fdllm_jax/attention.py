@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdllm_jax import masks as masks_lib
+from fdllm_jax import sharding
 
 Implementation = Literal["xla", "pallas", "triton", "mosaic", "cudnn", "splash"]
 IMPLEMENTATIONS = ("xla", "pallas", "triton", "mosaic", "cudnn", "splash")
@@ -161,8 +162,21 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
   if chosen.path == "xla":
     return xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, q_offset_B=q_offset_B,
                          kv_lengths_B=kv_lengths_B, sm_scale=sm_scale)
+  if chosen.path == "cudnn":   # (jax's cuDNN call carries its own partitioning rules)
+    return cudnn_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, q_offset_B=q_offset_B,
+                           kv_lengths_B=kv_lengths_B, sm_scale=sm_scale)
   if interpret is None:
     interpret = not _on_gpu()
+  kernel = functools.partial(_run_kernel, chosen, sm_scale=sm_scale, interpret=interpret)
+  # XLA cannot partition a kernel call: under a mesh each device runs it on its shard.
+  return sharding.shard_attention(kernel, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B,
+                                  kv_lengths_B, mesh=sharding.context_mesh())
+
+
+def _run_kernel(chosen, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B, kv_lengths_B, *, sm_scale,
+                interpret):
+  """The kernel of route ``chosen`` on (a shard of) the inputs."""
+  del q_offset_B   # the block kernels take it as 0 (route checked), the windows ignore it
   if chosen.path == "block":
     from pallas_kernels import block_kernel
     return block_kernel.block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, kind=chosen.kind,
@@ -173,13 +187,10 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
     return mosaic_block.mosaic_block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
                                                kind=chosen.kind, block_size=chosen.block_size,
                                                sm_scale=sm_scale, interpret=interpret)
+  assert chosen.path in ("window", "triton_window", "mosaic_window"), chosen
   lengths_B = _window_lengths(kv_lengths_B, q_BxTxHxD.shape[0], k_BxSxKxD.shape[1])
-  if chosen.path in ("window", "triton_window", "mosaic_window"):
-    return _window_with_reference_gradient(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B,
-                                           chosen.path, sm_scale, interpret)
-  assert chosen.path == "cudnn", chosen
-  return cudnn_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, q_offset_B=q_offset_B,
-                         kv_lengths_B=kv_lengths_B, sm_scale=sm_scale)
+  return _window_with_reference_gradient(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B,
+                                         chosen.path, sm_scale, interpret)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,7 @@ from fdllm_jax import checks
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+HEAD_AXIS = "tensor"           # attention heads are split over it
 
 # (regex on the parameter name, spec). Kernels are [in, out] (NNX layout), embedding [V, D].
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
@@ -241,3 +242,105 @@ def global_array(local_rows: np.ndarray, rows: Sequence[int], sharding: NamedSha
     return local_rows[[position[r] for r in wanted]][(slice(None),) + tuple(index[1:])]
 
   return jax.make_array_from_callback(tuple(global_shape), sharding, fetch)
+
+
+# ----------------------------------------------------------------------------- kernels on a mesh
+
+def context_mesh():
+  """The mesh set by ``jax.set_mesh`` / ``jax.sharding.use_mesh`` / ``with mesh:``, or None."""
+  try:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty:
+      return mesh
+  except AttributeError:  # pragma: no cover - older jax
+    pass
+  try:
+    from jax._src import mesh as mesh_lib  # the legacy `with mesh:` context
+    mesh = mesh_lib.thread_resources.env.physical_mesh
+    if not mesh.empty:
+      return mesh
+  except (ImportError, AttributeError):  # pragma: no cover
+    pass
+  return None
+
+
+def _shard_map(fn, mesh, in_specs, out_specs):
+  if hasattr(jax, "shard_map"):
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  from jax.experimental.shard_map import shard_map  # pragma: no cover - jax < 0.6
+  return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def _attention_batch_spec(mesh, batch: int):
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  while axes and batch % math.prod(mesh.shape[a] for a in axes):
+    axes = axes[:-1]
+  if not axes:
+    return None
+  return axes if len(axes) > 1 else axes[0]
+
+
+def _head_split(mesh, num_heads: int, num_kv_heads: int, head_axis: str):
+  """(query-head axis, KV-head axis, pick one KV head per shard) for ``head_axis``."""
+  n_heads = mesh.shape.get(head_axis, 1) if head_axis in mesh.axis_names else 1
+  if n_heads > 1 and num_heads % n_heads == 0 and num_kv_heads % n_heads == 0:
+    return head_axis, head_axis, False
+  if n_heads > 1 and num_heads % n_heads == 0 and n_heads % num_kv_heads == 0:
+    return head_axis, None, True
+  return None, None, False
+
+
+def describe_attention_sharding(mesh, batch: int, num_heads: int, num_kv_heads: int,
+                                head_axis: str = HEAD_AXIS) -> dict:
+  """How :func:`shard_attention` splits work on ``mesh`` (for logs and the README recipe)."""
+  q_heads, kv_heads, _ = _head_split(mesh, num_heads, num_kv_heads, head_axis)
+  heads = ("q and kv heads split" if kv_heads else
+           "q heads split, one kv head picked per shard" if q_heads else "heads replicated")
+  return {"batch_axes": _attention_batch_spec(mesh, batch), "heads": heads}
+
+
+def shard_attention(local, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B=None, kv_lengths_B=None,
+                    *, mesh=None, head_axis: str = HEAD_AXIS):
+  """``local(q, k, v, q_offset_B, kv_lengths_B)`` (an attention kernel) run on each device's
+  shard: XLA's SPMD pass cannot partition a Pallas / Mosaic / Triton kernel call (it would
+  gather the inputs onto every device), so under a mesh with more than one device it runs
+  inside ``jax.shard_map``, batch split over the mesh's ``data`` / ``fsdp`` axes (those that
+  divide it) and heads over ``head_axis``. KV heads are split the same way when the axis
+  divides them, else each shard picks the KV head its query heads share (the axis size must
+  then be a multiple of the KV-head count); otherwise heads stay whole. Without a mesh (or on
+  one device) ``local`` runs as it is.
+  """
+  if mesh is None or math.prod(mesh.shape.values()) == 1:
+    return local(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B, kv_lengths_B)
+  batch, _, num_heads, _ = q_BxTxHxD.shape
+  num_kv_heads = k_BxSxKxD.shape[2]
+  batch_axes = _attention_batch_spec(mesh, batch)
+  q_heads, kv_heads, pick_kv = _head_split(mesh, num_heads, num_kv_heads, head_axis)
+  heads_per_shard = num_heads // mesh.shape[head_axis] if q_heads else num_heads
+  group = num_heads // num_kv_heads
+
+  def body(q, k, v, q_offset, kv_lengths):
+    if pick_kv:
+      kv_head = jax.lax.axis_index(head_axis) * heads_per_shard // group
+      k = jax.lax.dynamic_slice_in_dim(k, kv_head, 1, axis=2)
+      v = jax.lax.dynamic_slice_in_dim(v, kv_head, 1, axis=2)
+    return local(q, k, v, q_offset, kv_lengths)
+
+  q_spec = P(batch_axes, None, q_heads, None)
+  kv_spec = P(batch_axes, None, kv_heads, None)
+  args = [q_BxTxHxD, k_BxSxKxD, v_BxSxKxD]
+  specs = [q_spec, kv_spec, kv_spec]
+  present = []
+  for extra in (q_offset_B, kv_lengths_B):
+    if extra is not None:
+      args.append(jax.numpy.broadcast_to(jax.numpy.asarray(extra, jax.numpy.int32), (batch,)))
+      specs.append(P(batch_axes))
+    present.append(extra is not None)
+
+  def wrapped(q, k, v, *rest):
+    rest = list(rest)
+    q_offset = rest.pop(0) if present[0] else None
+    kv_lengths = rest.pop(0) if present[1] else None
+    return body(q, k, v, q_offset, kv_lengths)
+
+  return _shard_map(wrapped, mesh, tuple(specs), q_spec)(*args)

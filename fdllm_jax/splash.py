@@ -37,9 +37,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from fdllm_jax import masks as masks_lib
+from fdllm_jax import sharding
 
 try:  # splash lives in jax's experimental Pallas ops (jax 0.4.2x .. 0.11.x)
   from jax.experimental.pallas.ops.tpu import splash_attention as _sa
@@ -50,8 +50,7 @@ except ImportError as _err:  # pragma: no cover - depends on the installed jax
   _SPLASH_IMPORT_ERROR = _err
 
 NUM_LANES = 128  # splash tiles are multiples of the TPU lane width
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+HEAD_AXIS = sharding.HEAD_AXIS
 
 # Block-size cost model (per visited tile: MXU time + fixed grid-step overhead). Order-of-
 # magnitude figures for a v5p TensorCore; only their ratio matters. Re-fit them from
@@ -456,40 +455,6 @@ def window_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B, kv_le
 
 # ----------------------------------------------------------------------------- sharding
 
-def context_mesh():
-  """The mesh set by ``jax.set_mesh`` / ``jax.sharding.use_mesh`` / ``with mesh:``, or None."""
-  try:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is not None and not mesh.empty:
-      return mesh
-  except AttributeError:  # pragma: no cover - older jax
-    pass
-  try:
-    from jax._src import mesh as mesh_lib  # the legacy `with mesh:` context
-    mesh = mesh_lib.thread_resources.env.physical_mesh
-    if not mesh.empty:
-      return mesh
-  except (ImportError, AttributeError):  # pragma: no cover
-    pass
-  return None
-
-
-def _shard_map(fn, mesh, in_specs, out_specs):
-  if hasattr(jax, "shard_map"):
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-  from jax.experimental.shard_map import shard_map  # pragma: no cover - jax < 0.6
-  return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
-
-
-def _batch_spec(mesh, batch: int):
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  while axes and batch % math.prod(mesh.shape[a] for a in axes):
-    axes = axes[:-1]
-  if not axes:
-    return None
-  return axes if len(axes) > 1 else axes[0]
-
-
 def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None, kv_lengths_B=None,
               sm_scale=None, mesh=None, window_impl: str = "pallas",
               interpret: bool | None = None, blocks: SplashBlocks | None = None,
@@ -511,7 +476,7 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None, kv_leng
     return attention_lib.xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask,
                                        q_offset_B=q_offset_B, kv_lengths_B=kv_lengths_B,
                                        sm_scale=sm_scale)
-  mesh = mesh if mesh is not None else context_mesh()
+  mesh = mesh if mesh is not None else sharding.context_mesh()
 
   def local(q, k, v, q_offset, kv_lengths):
     if q_offset is None:
@@ -520,50 +485,12 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None, kv_leng
     return window_attention(q, k, v, mask=mask, q_offset_B=q_offset, kv_lengths_B=kv_lengths,
                             sm_scale=sm_scale, window_impl=window_impl, interpret=interpret)
 
-  if mesh is None or math.prod(mesh.shape.values()) == 1:
-    if mesh is None and on_tpu() and jax.device_count() > 1:
-      _warn_once("splash attention was traced without a mesh context on a multi-device TPU: "
-                 "XLA cannot partition a Pallas kernel, so its inputs get gathered. Trace the "
-                 "step under `with jax.set_mesh(mesh):` (or pass mesh=...)")
-    return local(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B, kv_lengths_B)
-
-  batch_axes = _batch_spec(mesh, batch)
-  n_heads = mesh.shape.get(head_axis, 1) if head_axis in mesh.axis_names else 1
-  heads_per_shard = num_heads // n_heads
-  if n_heads > 1 and num_heads % n_heads == 0 and num_kv_heads % n_heads == 0:
-    q_heads, kv_heads, pick_kv = head_axis, head_axis, False
-  elif n_heads > 1 and num_heads % n_heads == 0 and n_heads % num_kv_heads == 0:
-    q_heads, kv_heads, pick_kv = head_axis, None, True  # one KV head per shard
-  else:
-    q_heads, kv_heads, pick_kv = None, None, False
-  group = num_heads // num_kv_heads
-
-  def body(q, k, v, q_offset, kv_lengths):
-    if pick_kv:
-      kv_head = jax.lax.axis_index(head_axis) * heads_per_shard // group
-      k = jax.lax.dynamic_slice_in_dim(k, kv_head, 1, axis=2)
-      v = jax.lax.dynamic_slice_in_dim(v, kv_head, 1, axis=2)
-    return local(q, k, v, q_offset, kv_lengths)
-
-  q_spec = P(batch_axes, None, q_heads, None)
-  kv_spec = P(batch_axes, None, kv_heads, None)
-  row_spec = P(batch_axes)
-  args = [q_BxTxHxD, k_BxSxKxD, v_BxSxKxD]
-  specs = [q_spec, kv_spec, kv_spec]
-  extras = []
-  for extra in (q_offset_B, kv_lengths_B):
-    if extra is not None:
-      args.append(jnp.broadcast_to(jnp.asarray(extra, jnp.int32), (batch,)))
-      specs.append(row_spec)
-    extras.append(extra is not None)
-
-  def wrapped(q, k, v, *rest):
-    rest = list(rest)
-    q_offset = rest.pop(0) if extras[0] else None
-    kv_lengths = rest.pop(0) if extras[1] else None
-    return body(q, k, v, q_offset, kv_lengths)
-
-  return _shard_map(wrapped, mesh, tuple(specs), q_spec)(*args)
+  if mesh is None and on_tpu() and jax.device_count() > 1:
+    _warn_once("splash attention was traced without a mesh context on a multi-device TPU: "
+               "XLA cannot partition a Pallas kernel, so its inputs get gathered. Trace the "
+               "step under `with jax.set_mesh(mesh):` (or pass mesh=...)")
+  return sharding.shard_attention(local, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B,
+                                  kv_lengths_B, mesh=mesh, head_axis=head_axis)
 
 
 _WARNED: set = set()
@@ -578,11 +505,4 @@ def _warn_once(message: str):
 def describe_sharding(mesh, batch: int, num_heads: int, num_kv_heads: int,
                       head_axis: str = HEAD_AXIS) -> dict:
   """How :func:`attention` splits work on ``mesh`` (for logs and the README recipe)."""
-  n_heads = mesh.shape.get(head_axis, 1) if head_axis in mesh.axis_names else 1
-  if n_heads > 1 and num_heads % n_heads == 0 and num_kv_heads % n_heads == 0:
-    heads = "q and kv heads split"
-  elif n_heads > 1 and num_heads % n_heads == 0 and n_heads % num_kv_heads == 0:
-    heads = "q heads split, one kv head picked per shard"
-  else:
-    heads = "heads replicated"
-  return {"batch_axes": _batch_spec(mesh, batch), "heads": heads}
+  return sharding.describe_attention_sharding(mesh, batch, num_heads, num_kv_heads, head_axis)

@@ -188,3 +188,54 @@ def test_unknown_implementation():
   q, k, v = _qkv(0, 1, 4, 4, 2, 2, 16)
   with pytest.raises(ValueError, match="unknown"):
     attn.attention(q, k, v, implementation="flash")
+
+
+# ----------------------------------------------------------------------------- kernels on a mesh
+
+def _value_and_grads(fn, q, k, v, ct):
+  out, vjp = jax.vjp(fn, q, k, v)
+  return (out, *vjp(ct))
+
+
+@pytest.mark.parametrize("mesh_shape,heads,kv_heads", [
+    ((2, 2, 2), 4, 2),   # batch over data x fsdp, q and KV heads over tensor
+    ((1, 4, 2), 4, 1),   # one KV head: each tensor shard picks it
+    ((4, 1, 2), 3, 1)])  # heads the axis does not divide: batch only
+def test_kernels_run_per_shard_under_a_mesh(mesh_shape, heads, kv_heads):
+  """XLA's SPMD pass cannot partition a kernel call (it would gather its inputs onto every
+  device): under a mesh the kernel paths run inside shard_map, with the reference's values
+  and gradients; the xla path stays plain jnp for XLA to partition."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from fdllm_jax import sharding
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  mesh = sharding.make_mesh(mesh_shape)
+  q, k, v = _qkv(heads, 4, 128, 128, heads, kv_heads, 32)
+  ct = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+  mask = masks.Training(16, 64)
+  kernel = lambda q, k, v: attn.attention(q, k, v, mask=mask, implementation="pallas",  # noqa
+                                          interpret=True)
+  reference = lambda q, k, v: attn.xla_attention(q, k, v, mask=mask)  # noqa: E731
+  lengths = jnp.asarray([128, 1, 77, 40], jnp.int32)
+  window = lambda q, k, v: attn.attention(q[:, :8], k, v, mask=masks.Full(),  # noqa: E731
+                                          kv_lengths_B=lengths, implementation="pallas",
+                                          interpret=True)
+  with jax.set_mesh(mesh):
+    q_sharded = jax.device_put(q, NamedSharding(mesh, P(("data", "fsdp"))))
+    assert "shard_map" in str(jax.make_jaxpr(kernel)(q_sharded, k, v))
+    assert "shard_map" in str(jax.make_jaxpr(window)(q_sharded, k, v))
+    assert "shard_map" not in str(jax.make_jaxpr(reference)(q_sharded, k, v))
+    got = jax.jit(lambda *a: _value_and_grads(kernel, *a))(q_sharded, k, v, ct)
+    got_window = jax.jit(window)(q_sharded, k, v)
+  want = _value_and_grads(reference, q, k, v, ct)
+  for g, w, what in zip(got, want, ("out", "dq", "dk", "dv")):
+    assert _rel(g, w) <= 1e-5, what
+  want_window = attn.xla_attention(q[:, :8], k, v, mask=masks.Full(), kv_lengths_B=lengths)
+  assert _rel(got_window, want_window) <= 1e-5
+
+
+def test_kernels_without_a_mesh_run_as_they_are():
+  q, k, v = _qkv(0, 2, 64, 64, 2, 1, 32)
+  fn = lambda q, k, v: attn.attention(q, k, v, mask=masks.Causal(),  # noqa: E731
+                                      implementation="pallas", interpret=True)
+  assert "shard_map" not in str(jax.make_jaxpr(fn)(q, k, v))
