@@ -35,6 +35,11 @@ The other implementations and what they cover (``route(...)`` says which path a 
 * ``"splash"`` (TPU; the default there): ``fdllm_jax.splash``: splash attention without a cache,
   the Pallas TPU window kernel (``pallas_kernels.tpu_window``) with one; interpreted off TPU.
 
+Sharding: under a mesh (``jax.set_mesh``; the trainer sets it) every kernel path runs inside
+``jax.shard_map`` on each device's shard (``fdllm_jax.sharding.shard_attention``: batch over
+``data`` x ``fsdp``, heads over ``tensor``), since XLA cannot partition a kernel call; the xla
+path and cudnn (which carries its own partitioning rules) are left to XLA.
+
 Every combination a kernel does not cover (e.g. a block-causal window against a cache with a
 traced ``q_offset_B``, ``Explicit`` masks) runs the xla reference instead, with a one-time
 ``UserWarning`` naming the combination: nothing is computed differently, only slower. (The
