@@ -94,6 +94,28 @@ def _drain(released, num_stages, steps):
   lax.fori_loop(jnp.maximum(steps - num_stages, 0), steps, wait, ())
 
 
+def _stream_key_tiles(visit, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, released,
+                      num_stages):
+  """The memory warpgroup of the forward and dQ kernels: the visited 64-key K/V tiles of one
+  row and KV head (``k_ref``, ``v_ref``: [S, D]) into the slots, in ``visit``'s order."""
+  plgpu.set_max_registers(mw.MEMORY_REGISTERS, action="decrease")
+
+  def fetch(j, count, _, masked):
+    del masked
+    slot = lax.rem(count, num_stages)
+
+    @pl.when(count >= num_stages)
+    def _():
+      plgpu.barrier_wait(released.at[slot])
+
+    keys = pl.ds(pl.multiple_of(j * TILE_K, TILE_K), TILE_K)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
+    return ()
+
+  _drain(released, num_stages, visit(fetch, ())[0])
+
+
 def _scores(rows_smem, cols_smem):
   """rows @ cols^T on wgmma, float32 [64, tile]."""
   def matmul(acc_ref):
@@ -124,22 +146,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: bk._Geo
 
     @pl.when(wg == COMPUTE_WARPGROUPS)
     def _memory():
-      plgpu.set_max_registers(mw.MEMORY_REGISTERS, action="decrease")
-
-      def fetch(j, count, _, masked):
-        del masked
-        slot = lax.rem(count, num_stages)
-
-        @pl.when(count >= num_stages)
-        def _():
-          plgpu.barrier_wait(released.at[slot])
-
-        keys = pl.ds(pl.multiple_of(j * TILE_K, TILE_K), TILE_K)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
-        return ()
-
-      _drain(released, num_stages, visit(fetch, ())[0])
+      _stream_key_tiles(visit, k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head], k_smem,
+                        v_smem, k_bar, v_bar, released, num_stages)
 
     @pl.when(wg < COMPUTE_WARPGROUPS)
     def _compute():
@@ -260,22 +268,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geom:
 
     @pl.when(wg == COMPUTE_WARPGROUPS)
     def _memory():
-      plgpu.set_max_registers(mw.MEMORY_REGISTERS, action="decrease")
-
-      def fetch(j, count, _, masked):
-        del masked
-        slot = lax.rem(count, num_stages)
-
-        @pl.when(count >= num_stages)
-        def _():
-          plgpu.barrier_wait(released.at[slot])
-
-        keys = pl.ds(pl.multiple_of(j * TILE_K, TILE_K), TILE_K)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
-        return ()
-
-      _drain(released, num_stages, visit(fetch, ())[0])
+      _stream_key_tiles(visit, k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head], k_smem,
+                        v_smem, k_bar, v_bar, released, num_stages)
 
     @pl.when(wg < COMPUTE_WARPGROUPS)
     def _compute():

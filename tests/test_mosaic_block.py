@@ -6,8 +6,6 @@ refusals, the routing and the lowering for an H100 (layout inference, shared-mem
 still run.
 """
 
-import faulthandler
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,24 +18,7 @@ from pallas_kernels import block_kernel as bk
 from pallas_kernels import mosaic_block as mb
 from pallas_kernels import mosaic_window as mw
 from tests.test_block_kernel import dense_tile_classes, lower_for_gpu
-
-needs_interpreter = pytest.mark.skipif(
-    not mw.interpreter_supported(),
-    reason=f"JAX {jax.__version__}'s Mosaic GPU interpreter cannot run a transposed wgmma "
-           "operand (JAX >= 0.11 can)")
-
-
-@pytest.fixture
-def deadlock_guard():
-  """A synchronisation bug deadlocks the interpreter's threads: dump and exit, do not hang."""
-  faulthandler.dump_traceback_later(600, exit=True)
-  yield
-  faulthandler.cancel_dump_traceback_later()
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from tests.test_mosaic_window import _rel, deadlock_guard, needs_interpreter  # noqa: F401
 
 
 def _inputs(seed, batch, t, hq, hkv, d, dtype=jnp.bfloat16):
