@@ -429,3 +429,29 @@ def test_bfloat16_compute_with_remat_tracks_float32(tmp_path):
   assert losses != ref_losses  # bf16 really was used
   for leaf in jax.tree.leaves(mixed.final_state["params"]):
     assert leaf.dtype == jnp.float32
+
+
+def test_kernel_attention_on_an_8_device_mesh_trains_like_xla(tmp_path, monkeypatch):
+  """attention_impl="pallas" on a (2, 2, 2) mesh: the kernels run per shard (shard_map under
+  the trainer's mesh context) and the losses are the xla reference's."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  meshes = []
+  shard_attention = sharding.shard_attention
+
+  def recording(*args, mesh=None, **kwargs):
+    meshes.append(mesh)
+    return shard_attention(*args, mesh=mesh, **kwargs)
+
+  monkeypatch.setattr(sharding, "shard_attention", recording)
+
+  def losses(impl):
+    trainer = trainer_lib.Trainer(_tiny_config(num_steps=2, attention_impl=impl),
+                                  str(tmp_path / impl), mesh=sharding.make_mesh((2, 2, 2)))
+    try:
+      return np.array([h["loss"] for h in trainer.run()])
+    finally:
+      trainer.close()
+
+  np.testing.assert_allclose(losses("pallas"), losses("xla"), rtol=1e-5)
+  assert meshes and all(dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 2} for m in meshes)
