@@ -22,8 +22,8 @@ register split this reuses):
 ``backward="pallas"`` takes ``block_kernel``'s dQ and dK/dV kernels instead (same residuals).
 Runs compiled on a Hopper GPU, and in Mosaic GPU's interpreter on CPU (``interpret=True``,
 JAX >= 0.11; the tests). Compiled for sm_90a by ptxas (``ptxas_report``): the forward without
-spills; dQ and dK/dV spill some registers (README, "Decoding speed"). Untimed: no GPU has run
-it yet.
+spills; dQ and dK/dV spill some registers (README, "Attention implementations"). Untimed: no
+GPU has run it yet.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ ROWS = mw.ROWS_PER_WARPGROUP   # 64 query rows per compute warpgroup (wgmma's M)
 COMPUTE_WARPGROUPS = 2
 TILE_Q = ROWS * COMPUTE_WARPGROUPS
 TILE_K = 64
+QUERY_TILE_DKV = 64   # query rows per step of the dK/dV kernel (its keys: TILE_Q per program)
 DEFAULT_NUM_STAGES = 2
+BACKWARDS = ("mosaic", "pallas")
 
 
 def supports(q, k) -> str | None:
@@ -58,10 +60,6 @@ def supports(q, k) -> str | None:
   if d < 64 or not cm.is_pow2(d):
     return f"needs head_dim a power of two >= 64; got {d}"
   return None
-
-
-QUERY_TILE_DKV = 64   # query rows per step of the dK/dV kernel (its keys: TILE_Q per program)
-BACKWARDS = ("mosaic", "pallas")
 
 
 def _visit(segments, tile_body, carry, *, counts_itself=False):
