@@ -464,10 +464,10 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None, kv_leng
   Under a mesh (``mesh`` or the context mesh) the work is split with ``jax.shard_map``: batch
   over the mesh's ``data``/``fsdp`` axes, query heads over ``head_axis``. KV heads are split
   the same way when the axis divides them, otherwise each shard picks the KV head its query
-  heads share (the axis size must then be a multiple of the KV-head count).
+  heads share (the axis size must then be a multiple of the KV-head count)
+  (``fdllm_jax.sharding.shard_attention``).
   """
-  batch, num_q, num_heads, head_dim = q_BxTxHxD.shape
-  num_k, num_kv_heads = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+  num_q, num_k = q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]
   if isinstance(mask, masks_lib.Explicit) and (
       q_offset_B is not None or explicit_dense(mask, num_q, num_k) is None):
     _warn_once("splash attention: an Explicit mask that is per-row, traced or used with a "
