@@ -288,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--toolchain", default=None,
                       help=f"directory from `{SETUP_COMMAND}` (default: ${TOOLCHAIN_ENV})")
   args = parser.parse_args(argv)
+  if jax.__version_info__ < (0, 11):
+    parser.error(f"compiling without a GPU needs JAX >= 0.11; this is {jax.__version__} (a "
+                 f"Python 3.12+ environment takes it)")
   try:
     toolchain = find_toolchain(args.toolchain)
   except FileNotFoundError as e:
