@@ -52,6 +52,7 @@ through the rows too, a refilled row's prompt going through one forward of that 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
@@ -283,7 +284,8 @@ def _executable(kind: str, fn: Callable, statics: tuple, args: tuple, donate: tu
       _COMPILED.move_to_end(key)
       return exe, 0.0
   start = time.perf_counter()
-  exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  with _mesh_of(args[0]):
+    exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   seconds = time.perf_counter() - start
   with _COMPILED_LOCK:
     _COMPILED[key] = exe
@@ -291,6 +293,17 @@ def _executable(kind: str, fn: Callable, statics: tuple, args: tuple, donate: tu
     while len(_COMPILED) > _COMPILED_MAX:
       _COMPILED.popitem(last=False)
   return exe, seconds
+
+
+def _mesh_of(params):
+  """The (abstract) mesh the parameters are sharded over, as the context mesh while a step is
+  traced, so that attention kernels run per shard (``fdllm_jax.sharding.shard_attention``:
+  XLA cannot partition a kernel call and would gather its inputs); a no-op on one device."""
+  for leaf in jax.tree.leaves(params):
+    mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+    if mesh is not None and mesh.size > 1 and hasattr(mesh, "abstract_mesh"):
+      return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+  return contextlib.nullcontext()
 
 
 @dataclasses.dataclass(frozen=True)

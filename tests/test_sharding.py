@@ -148,6 +148,39 @@ def test_decoding_a_model_sharded_over_a_mesh_equals_one_device(tiny_qwen_dir):
     assert got.tokens == want.tokens and got.num_forwards == want.num_forwards
 
 
+def test_decoding_with_kernels_on_a_mesh_runs_them_per_shard(tiny_qwen_dir, monkeypatch):
+  """A model sharded over (2, 2, 2) decodes with attention_impl="pallas" to the single-device
+  tokens, its kernels inside shard_map over the parameters' mesh (without it, XLA would
+  gather the cache onto every device for each kernel call)."""
+  import fdllm_jax
+  from fdllm_jax import checkpoints
+  meshes = []
+  shard_attention = sharding.shard_attention
+
+  def recording(*args, mesh=None, **kwargs):
+    meshes.append(mesh)
+    return shard_attention(*args, mesh=mesh, **kwargs)
+
+  monkeypatch.setattr(sharding, "shard_attention", recording)
+  mesh = sharding.make_mesh((2, 2, 2))
+  sharded = checkpoints.load_model(tiny_qwen_dir, place=sharding.place_on_mesh(mesh))
+  plain = checkpoints.load_model(tiny_qwen_dir)
+  for model in (sharded, plain):
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 20.0
+  config = fdllm_jax.DecodeConfig(threshold=0.9, max_new_tokens=24, mask_id=516, stop_ids=())
+  prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+  for rows in (None, 1):   # one batch; rows refilled from the host
+    run = lambda m, rows=rows: fdllm_jax.generate(  # noqa: E731
+        m, prompts, config, attention_impl="pallas", max_batch_size=rows)
+    meshes.clear()
+    got = run(sharded)
+    assert meshes and all(m is not None and m.size == 8 for m in meshes)
+    meshes.clear()
+    want = run(plain)
+    assert meshes and all(m is None for m in meshes)
+    assert got.tokens == want.tokens and got.num_forwards == want.num_forwards
+
+
 def test_num_processes_below_one_is_an_error():
   with pytest.raises(ValueError, match="num_processes must be >= 1; got 0"):
     sharding.initialize_distributed("127.0.0.1:1234", 0, 0)
