@@ -148,20 +148,14 @@ def test_decoding_a_model_sharded_over_a_mesh_equals_one_device(tiny_qwen_dir):
     assert got.tokens == want.tokens and got.num_forwards == want.num_forwards
 
 
-def test_decoding_with_kernels_on_a_mesh_runs_them_per_shard(tiny_qwen_dir, monkeypatch):
+def test_decoding_with_kernels_on_a_mesh_runs_them_per_shard(tiny_qwen_dir,
+                                                             shard_attention_meshes):
   """A model sharded over (2, 2, 2) decodes with attention_impl="pallas" to the single-device
   tokens, its kernels inside shard_map over the parameters' mesh (without it, XLA would
   gather the cache onto every device for each kernel call)."""
   import fdllm_jax
   from fdllm_jax import checkpoints
-  meshes = []
-  shard_attention = sharding.shard_attention
-
-  def recording(*args, mesh=None, **kwargs):
-    meshes.append(mesh)
-    return shard_attention(*args, mesh=mesh, **kwargs)
-
-  monkeypatch.setattr(sharding, "shard_attention", recording)
+  meshes = shard_attention_meshes
   mesh = sharding.make_mesh((2, 2, 2))
   sharded = checkpoints.load_model(tiny_qwen_dir, place=sharding.place_on_mesh(mesh))
   plain = checkpoints.load_model(tiny_qwen_dir)

@@ -431,19 +431,12 @@ def test_bfloat16_compute_with_remat_tracks_float32(tmp_path):
     assert leaf.dtype == jnp.float32
 
 
-def test_kernel_attention_on_an_8_device_mesh_trains_like_xla(tmp_path, monkeypatch):
+def test_kernel_attention_on_an_8_device_mesh_trains_like_xla(tmp_path, shard_attention_meshes):
   """attention_impl="pallas" on a (2, 2, 2) mesh: the kernels run per shard (shard_map under
   the trainer's mesh context) and the losses are the xla reference's."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 (simulated) devices")
-  meshes = []
-  shard_attention = sharding.shard_attention
-
-  def recording(*args, mesh=None, **kwargs):
-    meshes.append(mesh)
-    return shard_attention(*args, mesh=mesh, **kwargs)
-
-  monkeypatch.setattr(sharding, "shard_attention", recording)
+  meshes = shard_attention_meshes
 
   def losses(impl):
     trainer = trainer_lib.Trainer(_tiny_config(num_steps=2, attention_impl=impl),
