@@ -10,7 +10,7 @@ Sections (each guarded: one failing implementation still lets the others report)
 2. ``check``: every implementation against its reference on small shapes with fresh random
    inputs (block kernel forward and gradients for each mask, outputs NaN-poisoned; decode
    windows over ragged lengths 1..Smax with NaN in the cache beyond each length; the mosaic
-   forward's training-mask output and gradients (not in the CPU smoke run); cudnn and the
+   kernels' training-mask output and gradients (not in the CPU smoke run); cudnn and the
    ``fdllm_jax.attention`` routes against the xla reference). Prints ||out-ref||/||ref||;
    a failed check prints CHECK FAILED and makes the exit status 1 (after all sections ran).
 3. ``train``: the training mask (x_t ++ x_0, block 32) at 2L = 2k/4k/8k/16k tokens
