@@ -189,13 +189,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: bk._Geo
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, rows, h])
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
-      if o32_ref:   # the backward's residual, through a [64, 64] float32 buffer
-        my_o32 = o32_smem.at[wg]
-        for half in range(d // 64):
-          plgpu.wait_smem_to_gmem(0)
-          my_o32[...] = out[:, half * 64:(half + 1) * 64]
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(my_o32, o32_ref[0].at[b, rows, h, pl.ds(half * 64, 64)])
+      if o32_ref:   # the backward's residual
+        mw.store_float32_rows(out, o32_smem.at[wg], o32_ref[0].at[b, rows, h])
       plgpu.wait_smem_to_gmem(0)
 
   dtype = q_ref.dtype

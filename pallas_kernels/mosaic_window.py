@@ -225,12 +225,7 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
       l_safe = jnp.where(nonempty, l, 1.0)
       out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
       lse_smem.at[wg][...] = jnp.where(nonempty, m + jnp.log2(l_safe), -jnp.inf)
-      my_o = o_smem.at[wg]
-      for half in range(d // 64):   # float32 rows leave through a [64, 64] buffer
-        plgpu.wait_smem_to_gmem(0)
-        my_o[...] = out[:, half * 64:(half + 1) * 64]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_o, o_ref.at[b, h, split, rows, pl.ds(half * 64, 64)])
+      store_float32_rows(out, o_smem.at[wg], o_ref.at[b, h, split, rows])
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, split, rows])
       plgpu.wait_smem_to_gmem(0)
 
@@ -251,6 +246,17 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: wk.Deco
       plgpu.Barrier(num_arrivals=n_wg, num_barriers=num_stages),
       collective_axes="wg",
   )
+
+
+def store_float32_rows(rows, buffer, dst):
+  """Float32 [64, D] registers to global ``dst`` [64, D] through a [64, 64] shared-memory
+  ``buffer`` (a whole float32 row is wider than TMA's 128-byte box), 64 columns at a time;
+  the copies may still be in flight when it returns."""
+  for half in range(rows.shape[1] // 64):
+    plgpu.wait_smem_to_gmem(0)   # the buffer's previous copy has left
+    buffer[...] = rows[:, half * 64:(half + 1) * 64]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(buffer, dst.at[:, pl.ds(half * 64, 64)])
 
 
 def accumulate_pv(acc, p, v_tile, p_smem):
