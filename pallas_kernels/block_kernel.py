@@ -64,19 +64,27 @@ def stream_length(kind: str, num_queries: int) -> int | None:
 # The mask, as the kernels evaluate it on edge tiles.
 
 
-def mask_allowed(kind: str, q_idx, k_idx, *, block_size: int, seq_len: int | None = None):
+def _same(x):
+  return x
+
+
+def mask_allowed(kind: str, q_idx, k_idx, *, block_size: int, seq_len: int | None = None,
+                 q_to_tile=_same, k_to_tile=_same):
   """Boolean ``allowed[q, k]`` for broadcastable non-negative int32 index arrays.
 
   ``seq_len`` is L (one stream's length) for the training kinds. Written with ``lax.div`` and
   comparisons so the same code lowers to Triton; tests check it against ``fdllm_jax.masks``.
+  ``q_to_tile`` / ``k_to_tile`` map per-index quantities onto the tile: a kernel that passes
+  index vectors (and broadcasts here) computes each index's stream and block once, not once
+  per tile element.
   """
   q_idx = jnp.asarray(q_idx, jnp.int32)
   k_idx = jnp.asarray(k_idx, jnp.int32)
   b = block_size
   if kind == "causal":
-    return k_idx <= q_idx
+    return k_to_tile(k_idx) <= q_to_tile(q_idx)
   if kind == "block_causal":
-    return cm.idiv(k_idx, b) <= cm.idiv(q_idx, b)
+    return k_to_tile(cm.idiv(k_idx, b)) <= q_to_tile(cm.idiv(q_idx, b))
   if kind in TRAINING_KINDS:
     length, n_noisy = seq_len, TRAINING_KINDS[kind]
 
@@ -84,9 +92,10 @@ def mask_allowed(kind: str, q_idx, k_idx, *, block_size: int, seq_len: int | Non
       return sum((idx >= j * length).astype(jnp.int32) for j in range(1, n_noisy + 1))
 
     q_stream, k_stream = stream(q_idx), stream(k_idx)
+    q_blk = q_to_tile(cm.idiv(q_idx - q_stream * length, b))
+    k_blk = k_to_tile(cm.idiv(k_idx - k_stream * length, b))
+    q_stream, k_stream = q_to_tile(q_stream), k_to_tile(k_stream)
     q_clean, k_clean = q_stream == n_noisy, k_stream == n_noisy
-    q_blk = cm.idiv(q_idx - q_stream * length, b)
-    k_blk = cm.idiv(k_idx - k_stream * length, b)
     same = (q_blk == k_blk) & (q_stream == k_stream)
     # (q_stream < n_noisy, not ~q_clean: Mosaic GPU cannot negate 1-bit registers)
     noisy_sees_clean = (q_stream < n_noisy) & k_clean & (q_blk > k_blk)
@@ -324,10 +333,11 @@ class _Geometry:
   def group(self):
     return self.num_heads // self.num_kv_heads
 
-  def allowed(self, q_idx, k_idx):
+  def allowed(self, q_idx, k_idx, q_to_tile=_same, k_to_tile=_same):
     ok = mask_allowed(self.kind, q_idx, k_idx, block_size=self.block_size,
-                      seq_len=stream_length(self.kind, self.num_queries))
-    return ok & (k_idx < self.num_keys)
+                      seq_len=stream_length(self.kind, self.num_queries),
+                      q_to_tile=q_to_tile, k_to_tile=k_to_tile)
+    return ok & k_to_tile(k_idx < self.num_keys)
 
   def key_segments(self, q_tile, tile_q, tile_k):
     return key_tile_segments(self.kind, q_tile, num_queries=self.num_queries,

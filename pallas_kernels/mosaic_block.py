@@ -21,8 +21,8 @@ register split this reuses):
 
 ``backward="pallas"`` takes ``block_kernel``'s dQ and dK/dV kernels instead (same residuals).
 Runs compiled on a Hopper GPU, and in Mosaic GPU's interpreter on CPU (``interpret=True``,
-JAX >= 0.11; the tests). Compiled for sm_90a by ptxas (``ptxas_report``): the forward without
-spills; dQ and dK/dV spill some registers (README, "Attention implementations"). Untimed: no
+JAX >= 0.11; the tests). Compiled for sm_90a by ptxas (``ptxas_report``): the forward and dQ
+without spills; dK/dV spills some registers (README, "Attention implementations"). Untimed: no
 GPU has run it yet.
 """
 
@@ -122,11 +122,22 @@ def _scores(rows_smem, cols_smem):
   return pl.run_scoped(matmul, plgpu.ACC((rows_smem.shape[0], cols_smem.shape[0]), jnp.float32))
 
 
+def _index_vector(start, shape, axis):
+  """start + arange along ``axis`` of a [rows, columns] wgmma tile, as a vector in the layout
+  that ``_to_tile(..., axis)`` broadcasts: per-index work is done once per thread's rows or
+  columns (2 or 16 values), not per tile element (32)."""
+  layout = plgpu.Layout.WGMMA.reduce(1 - axis)
+  return start + plgpu.broadcasted_iota(jnp.int32, (shape[axis],), 0, layout=layout)
+
+
+def _to_tile(shape, axis):
+  return lambda x: lax.broadcast_in_dim(x, shape, [axis])
+
+
 def _allowed(geom, row0, col0, shape):
   """The mask on a [query rows, key columns] tile starting at (row0, col0)."""
-  q_idx = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-  k_idx = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  return geom.allowed(q_idx, k_idx)
+  return geom.allowed(_index_vector(row0, shape, 0), _index_vector(col0, shape, 1),
+                      _to_tile(shape, 0), _to_tile(shape, 1))
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: bk._Geometry,
@@ -394,10 +405,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         s_t = _scores(my_k, q_smem.at[slot]) * scale2          # [keys, queries]
         if masked:
           shape = s_t.shape
-          q_idx = i * QUERY_TILE_DKV + plgpu.broadcasted_iota(jnp.int32, shape, 1,
-                                                              layout=plgpu.Layout.WGMMA)
-          k_idx = key0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-          ok = geom.allowed(q_idx, k_idx) & (q_idx < geom.num_queries)
+          q_idx = _index_vector(i * QUERY_TILE_DKV, shape, 1)
+          q_to_tile = _to_tile(shape, 1)
+          ok = (geom.allowed(q_idx, _index_vector(key0, shape, 0), q_to_tile, _to_tile(shape, 0))
+                & q_to_tile(q_idx < geom.num_queries))
           s_t = jnp.where(ok, s_t, cm.MASK_VALUE)
         lse = load_vector(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
         p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))

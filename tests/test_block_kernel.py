@@ -53,6 +53,23 @@ def test_mask_allowed_matches_masks_module(kind):
     np.testing.assert_array_equal(got, masks.dense(_mask_object(kind, block_size, t), t, t))
 
 
+@pytest.mark.parametrize("kind", bk.KINDS)
+def test_mask_allowed_from_index_vectors_matches_the_tile_form(kind):
+  """The Mosaic kernels pass index vectors and broadcast each index's stream and block onto
+  the tile (``q_to_tile`` / ``k_to_tile``); the padding checks of ``_Geometry.allowed`` too."""
+  t, s = (144, 150) if kind == "training_shared" else (96, 100)
+  geom = bk._Geometry(kind=kind, block_size=16, num_queries=t, num_keys=t - 3, t_pad=t,
+                      s_pad=s, head_dim_pad=64, num_heads=1, num_kv_heads=1, scale=1.0,
+                      tiling=None, interpret=True, poison=False)
+  q_vec, k_vec = jnp.arange(t, dtype=jnp.int32), jnp.arange(s, dtype=jnp.int32)
+  tile_form = geom.allowed(q_vec[:, None], k_vec[None, :])
+  vector_form = geom.allowed(q_vec, k_vec, lambda x: jnp.broadcast_to(x[:, None], (t, s)),
+                             lambda x: jnp.broadcast_to(x[None, :], (t, s)))
+  assert vector_form.shape == (t, s)
+  np.testing.assert_array_equal(vector_form, tile_form)
+  assert not np.asarray(tile_form)[:, t - 3:].any()   # keys past num_keys hidden
+
+
 CASES = [
     # kind, T, S, block size, tile_q, tile_k
     ("causal", 50, 50, 8, 16, 16), ("causal", 64, 40, 8, 32, 16), ("causal", 33, 70, 8, 16, 32),

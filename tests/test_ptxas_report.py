@@ -125,9 +125,10 @@ def test_old_jax_is_refused_with_its_version():
 
 @pytest.mark.parametrize("kind,t,max_spills", [
     # spilled bytes a thread (stores + loads) of forward, dQ, dK/dV, ptxas 12.9: training 0 /
-    # 76-84 / 768-784, causal 0 / 0 / 160-440 (jaxlib 0.12.0.1 / 0.11.2): dK/dV's two [64, 128]
-    # float32 accumulators and the mask exceed 232 registers a little
-    ("training", 2048, (0, 128, 1024)), ("causal", 1024, (0, 0, 1024))])
+    # 0 / 156-192, causal 0 / 0 / 76-272 (jaxlib 0.12.0.1 / 0.11.2): dK/dV's two [64, 128]
+    # float32 accumulators exceed 232 registers a little. With the mask evaluated per tile
+    # element (before session 20) dQ spilled 76-84 and dK/dV 768-784 bytes at training.
+    ("training", 2048, (0, 0, 384)), ("causal", 1024, (0, 0, 384))])
 def test_block_kernels_compile_for_sm90(kind, t, max_spills):
   """mosaic_block's three kernels at Qwen2.5-1.5B's heads, under jax.vjp."""
   from pallas_kernels import mosaic_block as mb
