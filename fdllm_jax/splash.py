@@ -389,6 +389,31 @@ def skip_stats(kernel, num_queries_padded: int, num_keys_padded: int) -> SkipSta
   return SkipStats(visited, total, blocks.block_q, blocks.block_kv)
 
 
+def _traced_without_x64(fn):
+  """``fn`` (differentiable) traced with 64-bit types off, its backward too.
+
+  JAX's splash kernel divides an int32 grid index by a Python int with ``lax.div``, which
+  fails under ``jax_enable_x64`` (the int becomes int64). The kernel's inputs are 16/32-bit
+  anyway; a context manager alone would not reach the backward, which JAX traces later, so
+  the VJP is taken here and replayed inside the same context.
+  """
+  @jax.custom_vjp
+  def call(*args):
+    with jax.enable_x64(False):
+      return fn(*args)
+
+  def forward(*args):
+    with jax.enable_x64(False):
+      return jax.vjp(fn, *args)
+
+  def backward(vjp, cotangent):
+    with jax.enable_x64(False):
+      return vjp(cotangent)
+
+  call.defvjp(forward, backward)
+  return call
+
+
 def splash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, kv_lengths_B=None,
                      sm_scale=None, blocks: SplashBlocks | None = None,
                      interpret: bool | None = None):
@@ -413,13 +438,16 @@ def splash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, kv_lengths_B=None
   if num_kv_heads == 1:
     k, v = k[:, 0], v[:, 0]
   if kv_lengths_B is None:
-    out = jax.vmap(kernel)(q, k, v)
+    run, segments = jax.vmap(kernel), ()
   else:
     lengths = jnp.asarray(kv_lengths_B, jnp.int32)
     q_seg = jnp.zeros((batch, tp), jnp.int32)
     kv_seg = (jnp.arange(sp, dtype=jnp.int32)[None, :] >= lengths[:, None]).astype(jnp.int32)
-    segments = _sa.SegmentIds(q=q_seg, kv=kv_seg)
-    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q, k, v, segments)
+    segments = (_sa.SegmentIds(q=q_seg, kv=kv_seg),)
+    run = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))
+  if jax.config.jax_enable_x64:
+    run = _traced_without_x64(run)
+  out = run(q, k, v, *segments)
   return out[:, :, :num_q].transpose(0, 2, 1, 3).astype(q_BxTxHxD.dtype)
 
 

@@ -296,3 +296,22 @@ def test_training_step_splash_equals_xla_on_8_devices(tmp_path):
   for (loss_x, norm_x), (loss_s, norm_s) in zip(results["xla"], results["splash"]):
     assert loss_s == pytest.approx(loss_x, rel=1e-5)
     assert norm_s == pytest.approx(norm_x, rel=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [None, (200, 77)])
+def test_forward_and_gradients_under_x64(lengths):
+  """JAX's splash kernel fails to trace with 64-bit types on (its index maps divide an int32 by
+  an int64); the wrapper traces it, and its backward, with them off."""
+  mask = masks.BlockCausal(32)
+  with jax.enable_x64(True):
+    q, k, v, ct = _inputs(5, 2, 200, 200, 4, 2)
+    kv_lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    ours = jax.jit(lambda *a: _value_and_grads(
+        lambda q, k, v: splash.splash_attention(q, k, v, mask=mask, kv_lengths_B=kv_lengths,
+                                                blocks=TILE_128, interpret=True), *a))
+    ref = jax.jit(lambda *a: _value_and_grads(
+        lambda q, k, v: attention.xla_attention(q, k, v, mask=mask, kv_lengths_B=kv_lengths),
+        *a))
+    for got, want, what in zip(ours(q, k, v, ct), ref(q, k, v, ct), ("out", "dq", "dk", "dv")):
+      assert got.dtype == want.dtype == jnp.float32, what
+      assert _rel(got, want) <= 1e-5, (what, _rel(got, want))
