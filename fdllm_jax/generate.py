@@ -58,6 +58,7 @@ import functools
 import math
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -98,7 +99,8 @@ class DecodeConfig:
     stop_ids: a row stops at the first of these ids (spec 4.4); may be empty.
     use_dual_cache: the sub-block cache of spec 4.6 (the reference's approximation, exactly).
     seed: PRNG seed of the sampling.
-    max_length: cap of prompt + generated tokens; None = the model's max_position_embeddings.
+    max_length: cap of prompt + generated tokens; None = the model's max_position_embeddings
+      (above it: a warning, the positions were never trained).
   """
 
   block_size: int = 32
@@ -246,6 +248,16 @@ def _check_ids_in_vocab(ids, vocab_size: int, what: str) -> None:
   for i in ids:
     if not 0 <= i < vocab_size:
       raise ValueError(f"{what}={i} is outside the model's vocabulary [0, {vocab_size})")
+
+
+def _max_length(requested: int | None, model_config) -> int:
+  """The cap of prompt + generated tokens: ``requested``, else the model's trained positions."""
+  trained = model_config.max_position_embeddings
+  if requested is not None and requested > trained:
+    warnings.warn(f"max_length={requested} exceeds the model's max_position_embeddings="
+                  f"{trained}: positions past {trained} were never trained, so tokens there "
+                  f"may degrade (no RoPE scaling is applied)", stacklevel=3)
+  return requested or trained
 
 
 def _limits(rows, max_new_tokens: int, max_length: int) -> np.ndarray:
@@ -727,7 +739,7 @@ def generate(model, prompts, config: DecodeConfig | None = None, *,
   _check_ids_in_vocab([config.mask_id], vocab, "mask_id")
   _check_ids_in_vocab(config.stop_ids, vocab, "stop id")
   rows = _check_prompts(prompts, vocab, config.mask_id)
-  max_length = config.max_length or model.config.max_position_embeddings
+  max_length = _max_length(config.max_length, model.config)
   limits = _limits(rows, config.max_new_tokens, max_length)
   W = config.block_size
   prompt_lens = np.asarray([len(r) for r in rows], np.int32)
@@ -1001,7 +1013,7 @@ def generate_ar(model, prompts, *, max_new_tokens: int, stop_ids=(151645,),
   vocab = model.config.vocab_size
   _check_ids_in_vocab(config.stop_ids, vocab, "stop id")
   rows = _check_prompts(prompts, vocab, mask_id=-1)
-  max_length = config.max_length or model.config.max_position_embeddings
+  max_length = _max_length(config.max_length, model.config)
   limits = _limits(rows, config.max_new_tokens, max_length)
   prompt_lens = np.asarray([len(r) for r in rows], np.int32)
   if tokens_per_call is not None and (not _is_int(tokens_per_call) or tokens_per_call < 1):

@@ -6,6 +6,7 @@ step; the DualCache one follows spec 4.6 literally with two cache objects and Py
 """
 
 import importlib
+import warnings
 
 import jax
 import numpy as np
@@ -448,6 +449,20 @@ def test_max_length_caps_generation_and_full_prompt_is_an_error(plain_model):
   with pytest.raises(ValueError, match="max_length"):
     fdllm_jax.generate_ar(plain_model, [_prompt(11)], max_new_tokens=4, max_length=11,
                           stop_ids=())
+
+
+def test_max_length_past_the_trained_positions_warns(plain_model):
+  trained = plain_model.config.max_position_embeddings
+  with pytest.warns(UserWarning, match=f"max_length={trained + 1} exceeds the model's "
+                                       f"max_position_embeddings={trained}"):
+    fdllm_jax.generate(plain_model, [_prompt(8)],
+                       _config(max_length=trained + 1, max_new_tokens=2))
+  with pytest.warns(UserWarning, match="never trained"):
+    fdllm_jax.generate_ar(plain_model, [_prompt(8)], max_new_tokens=2, max_length=trained + 1,
+                          stop_ids=(STOP,))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")   # within the trained positions: silent
+    fdllm_jax.generate(plain_model, [_prompt(8)], _config(max_length=trained, max_new_tokens=2))
 
 
 # -------------------------------------------------------------------------------- sampling
