@@ -314,7 +314,7 @@ def default_tiling(head_dim: int) -> Tiling:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Geometry:
+class Geometry:
   kind: str
   block_size: int
   num_queries: int     # T (valid)
@@ -373,7 +373,7 @@ def _dot_tn(a, b):
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _call(kernel, geom: _Geometry, *, grid, in_specs, out_specs, out_shape, args, num_warps,
+def _call(kernel, geom: Geometry, *, grid, in_specs, out_specs, out_shape, args, num_warps,
           name):
   """pallas_call with optional output poisoning (NaN buffers aliased to the outputs)."""
   in_specs = list(in_specs)
@@ -402,7 +402,7 @@ def _call(kernel, geom: _Geometry, *, grid, in_specs, out_specs, out_shape, args
 # Forward kernel: grid (query tiles, query heads, batch).
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: _Geometry):
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: Geometry):
   tq, tk = geom.tiling.fwd_q, geom.tiling.fwd_k
   n_q_tiles = geom.t_pad // tq
   i = n_q_tiles - 1 - pl.program_id(0)  # heaviest tiles (last rows) first
@@ -439,7 +439,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: _Geometry):
     o32_ref[0][...] = o
 
 
-def _forward(q, k, v, geom: _Geometry, *, float32_out: bool = False):
+def _forward(q, k, v, geom: Geometry, *, float32_out: bool = False):
   """(o, lse), and o in float32 as a third output with ``float32_out``."""
   b, t_pad, hq, d = q.shape
   tq = geom.tiling.fwd_q
@@ -465,7 +465,7 @@ def _forward(q, k, v, geom: _Geometry, *, float32_out: bool = False):
 # Backward: dQ kernel (grid over query tiles) and dK/dV kernel (grid over key tiles).
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geom: _Geometry):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geom: Geometry):
   tq, tk = geom.tiling.dq_q, geom.tiling.dq_k
   i = geom.t_pad // tq - 1 - pl.program_id(0)
   scale2 = geom.scale * cm.LOG2E
@@ -494,7 +494,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geom:
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                geom: _Geometry):
+                geom: Geometry):
   tq, tk = geom.tiling.dkv_q, geom.tiling.dkv_k
   j = geom.s_pad // tk - 1 - pl.program_id(0)
   scale2 = geom.scale * cm.LOG2E
@@ -534,7 +534,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, o, lse, do, geom: _Geometry):
+def backward(q, k, v, o, lse, do, geom: Geometry):
   b, t_pad, hq, d = q.shape
   s_pad, hkv, group = geom.s_pad, geom.num_kv_heads, geom.group
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
@@ -585,7 +585,7 @@ def _flash_fwd(q, k, v, geom):
 
 def _flash_bwd(geom, residuals, do):
   q, k, v, o, lse = residuals
-  return _backward(q, k, v, o, lse, do, geom)
+  return backward(q, k, v, o, lse, do, geom)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -595,7 +595,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Public entry point and reference.
 
 
-def _validate(q, k, v, kind, block_size):
+def validate_inputs(q, k, v, kind, block_size):
   if kind not in KINDS:
     raise ValueError(f"block_attention kind={kind!r} is unknown; use one of {KINDS}")
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
@@ -632,7 +632,7 @@ def block_attention(q, k, v, *, kind: str, block_size: int, sm_scale: float | No
   Returns:
     [B, T, Hq, D] in q's dtype; differentiable (both backward passes are kernels).
   """
-  _validate(q, k, v, kind, block_size)
+  validate_inputs(q, k, v, kind, block_size)
   batch, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   tiling = tiling or default_tiling(d)
@@ -641,7 +641,7 @@ def block_attention(q, k, v, *, kind: str, block_size: int, sm_scale: float | No
   k_mult = max(tiling.fwd_k, tiling.dq_k, tiling.dkv_k)
   t_pad, s_pad = cm.cdiv(t, q_mult) * q_mult, cm.cdiv(s, k_mult) * k_mult
   d_pad = cm.padded_head_dim(d)
-  geom = _Geometry(kind=kind, block_size=int(block_size), num_queries=t, num_keys=s, t_pad=t_pad,
+  geom = Geometry(kind=kind, block_size=int(block_size), num_queries=t, num_keys=s, t_pad=t_pad,
                    s_pad=s_pad, head_dim_pad=d_pad, num_heads=hq, num_kv_heads=hkv, scale=scale,
                    tiling=tiling, interpret=bool(interpret), poison=bool(poison_outputs))
   qp = cm.pad_axis(cm.pad_axis(q, 1, t_pad), 3, d_pad)
@@ -654,7 +654,7 @@ def block_attention(q, k, v, *, kind: str, block_size: int, sm_scale: float | No
 def block_attention_reference(q, k, v, *, kind: str, block_size: int,
                               sm_scale: float | None = None):
   """Pure-jnp reference: dense mask, float32 softmax, probabilities cast to v's dtype."""
-  _validate(q, k, v, kind, block_size)
+  validate_inputs(q, k, v, kind, block_size)
   batch, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   scale = d ** -0.5 if sm_scale is None else sm_scale

@@ -140,7 +140,7 @@ def _allowed(geom, row0, col0, shape):
                       _to_tile(shape, 0), _to_tile(shape, 1))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: bk._Geometry,
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: bk.Geometry,
                     num_stages: int, p_from_registers: bool):
   d = geom.head_dim_pad
   n_q_tiles = geom.t_pad // TILE_Q
@@ -224,7 +224,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *o32_ref, geom: bk._Geo
   )
 
 
-def mosaic_forward(q, k, v, geom: bk._Geometry, *, float32_out: bool = False,
+def mosaic_forward(q, k, v, geom: bk.Geometry, *, float32_out: bool = False,
                    interpret: Any = False, num_stages: int = DEFAULT_NUM_STAGES,
                    p_from_registers: bool | None = None):
   """``block_kernel._forward`` on Mosaic GPU: (o, lse[, o in float32]) for inputs already
@@ -255,7 +255,7 @@ def load_vector(ref, layout):
   return plgpu.load(ref, layout=layout)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geom: bk._Geometry,
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geom: bk.Geometry,
                num_stages: int, p_from_registers: bool):
   """dQ = scale * sum over visited key tiles of dS K, dS = P (dP - delta), dP = dO V^T: the
   forward's program layout (128 query rows, two compute warpgroups), K/V streamed."""
@@ -334,7 +334,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geom:
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                geom: bk._Geometry, num_stages: int, p_from_registers: bool):
+                geom: bk.Geometry, num_stages: int, p_from_registers: bool):
   """dK, dV of 128 keys (two compute warpgroups of 64), summed over the query tiles that see
   them (``query_tile_segments``) and the query heads of their KV head, with keys as rows:
   S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q. The memory warpgroup streams
@@ -448,9 +448,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   )
 
 
-def mosaic_backward(q, k, v, o32, lse, do, geom: bk._Geometry, *, interpret: Any = False,
+def mosaic_backward(q, k, v, o32, lse, do, geom: bk.Geometry, *, interpret: Any = False,
                     num_stages: int = DEFAULT_NUM_STAGES, p_from_registers: bool | None = None):
-  """``block_kernel._backward`` on Mosaic GPU: (dq, dk, dv) of padded inputs, from the
+  """``block_kernel.backward`` on Mosaic GPU: (dq, dk, dv) of padded inputs, from the
   forward's float32 output and base-2 log-sum-exp."""
   p_from_registers = mw.use_p_from_registers(p_from_registers, interpret)
   b, t_pad, hq, d = q.shape
@@ -488,7 +488,7 @@ def _flash_fwd(q, k, v, geom, options):
 def _flash_bwd(geom, options, residuals, do):
   q, k, v, o32, lse = residuals
   if dict(options)["backward"] == "pallas":
-    return bk._backward(q, k, v, o32, lse, do, geom)
+    return bk.backward(q, k, v, o32, lse, do, geom)
   return mosaic_backward(q, k, v, o32, lse, do, geom, **_kernel_options(options))
 
 
@@ -518,7 +518,7 @@ def mosaic_block_attention(q, k, v, *, kind: str, block_size: int,
   Returns:
     [B, T, Hq, D] in q's dtype; differentiable.
   """
-  bk._validate(q, k, v, kind, block_size)
+  bk.validate_inputs(q, k, v, kind, block_size)
   reason = supports(q, k)
   if reason:
     raise ValueError(f"mosaic_block_attention {reason}")
@@ -528,7 +528,7 @@ def mosaic_block_attention(q, k, v, *, kind: str, block_size: int,
   s, hkv = k.shape[1], k.shape[2]
   t_pad, s_pad = cm.cdiv(t, TILE_Q) * TILE_Q, cm.cdiv(s, TILE_Q) * TILE_Q   # dK/dV: 128 keys
   scale = float(d ** -0.5 if sm_scale is None else sm_scale)
-  geom = bk._Geometry(kind=kind, block_size=int(block_size), num_queries=t, num_keys=s,
+  geom = bk.Geometry(kind=kind, block_size=int(block_size), num_queries=t, num_keys=s,
                       t_pad=t_pad, s_pad=s_pad, head_dim_pad=d, num_heads=hq, num_kv_heads=hkv,
                       scale=scale, tiling=bk.default_tiling(d), interpret=bool(interpret),
                       poison=False)

@@ -293,17 +293,17 @@ def mosaic_window_partials(q, k, v, kv_lengths, *, sm_scale: float | None = None
                            p_from_registers: bool | None = None):
   """The split kernel: per-chunk outputs [B, Hkv, splits, rows_pad, D_pad] (float32,
   normalised within the chunk) and base-2 log-sum-exps [B, Hkv, splits, rows_pad]."""
-  kv_lengths = wk._validate(q, k, v, kv_lengths)
+  kv_lengths = wk.validate_inputs(q, k, v, kv_lengths)
   p_from_registers = use_p_from_registers(p_from_registers, interpret)
   batch, window, hq, d = q.shape
   smax, hkv = k.shape[1], k.shape[2]
   plan = plan or mosaic_plan(batch, window, hq, hkv, d, smax)
-  wk._check_plan(plan, q, k)
+  wk.check_plan(plan, q, k)
   _check_supported(q, plan)
   scale = float(d ** -0.5 if sm_scale is None else sm_scale)
   kv_lengths = jnp.clip(kv_lengths, 0, smax)
   qp = wk.pack_queries(q, plan)
-  k, v = wk._pad_cache(k, v, plan)
+  k, v = wk.pad_cache(k, v, plan)
   dp = plan.head_dim_pad
   out_type = [
       jax.ShapeDtypeStruct((batch, hkv, plan.num_splits, plan.rows_pad, dp), jnp.float32),

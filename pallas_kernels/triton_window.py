@@ -142,17 +142,17 @@ def triton_window_attention(q, k, v, kv_lengths, *, sm_scale: float | None = Non
                             num_warps: int | None = None, num_stages: int | None = None):
   """``window_kernel.window_attention`` with the split kernel written in Triton (GPU only)."""
   jt = import_jax_triton()
-  kv_lengths = wk._validate(q, k, v, kv_lengths)  # noqa: SLF001 (shared validation)
+  kv_lengths = wk.validate_inputs(q, k, v, kv_lengths)
   batch, window, hq, d = q.shape
   smax, hkv = k.shape[1], k.shape[2]
   plan = plan or wk.decode_plan(batch, window, hq, hkv, d, smax)
-  wk._check_plan(plan, q, k)  # noqa: SLF001
+  wk.check_plan(plan, q, k)
   num_warps = num_warps or wk.default_num_warps(plan)
   num_stages = num_stages or wk.default_num_stages(plan)
   scale = float(d ** -0.5 if sm_scale is None else sm_scale)
   kv_lengths = jnp.clip(kv_lengths, 0, smax)   # the kernel never reads past the cache
   qp = wk.pack_queries(q, plan)
-  k, v = wk._pad_cache(k, v, plan)  # noqa: SLF001
+  k, v = wk.pad_cache(k, v, plan)
   o_shape = jax.ShapeDtypeStruct(
       (batch, hkv, plan.num_splits, plan.rows_pad, plan.head_dim_pad), jnp.float32)
   lse_shape = jax.ShapeDtypeStruct((batch, hkv, plan.num_splits, plan.rows_pad), jnp.float32)

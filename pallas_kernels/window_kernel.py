@@ -192,7 +192,7 @@ def combine_partials(o_part, lse_part, q_shape, dtype):
   return out.transpose(0, 2, 1, 3, 4).reshape(batch, window, hq, d).astype(dtype)
 
 
-def _validate(q, k, v, kv_lengths) -> jax.Array:
+def validate_inputs(q, k, v, kv_lengths) -> jax.Array:
   """Raises on shapes the kernel does not take; returns ``kv_lengths`` as int32."""
   kv_lengths = jnp.asarray(kv_lengths)
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
@@ -209,7 +209,7 @@ def _validate(q, k, v, kv_lengths) -> jax.Array:
   return kv_lengths.astype(jnp.int32)
 
 
-def _pad_cache(k, v, plan):
+def pad_cache(k, v, plan):
   """Copies the cache only when D is not a power of two >= 16 or Smax < 16 (never for Qwen)."""
   if k.shape[3] != plan.head_dim_pad:
     k, v = cm.pad_axis(k, 3, plan.head_dim_pad), cm.pad_axis(v, 3, plan.head_dim_pad)
@@ -289,17 +289,17 @@ def window_partials(q, k, v, kv_lengths, *, sm_scale=None, interpret=False, plan
                     num_warps=None, num_stages=None, poison_outputs=False):
   """The split kernel alone: per-chunk outputs [B, Hkv, splits, rows_pad, D_pad] (float32,
   normalised within the chunk) and base-2 log-sum-exps [B, Hkv, splits, rows_pad]."""
-  kv_lengths = _validate(q, k, v, kv_lengths)
+  kv_lengths = validate_inputs(q, k, v, kv_lengths)
   batch, window, hq, d = q.shape
   smax, hkv = k.shape[1], k.shape[2]
   plan = plan or decode_plan(batch, window, hq, hkv, d, smax)
-  _check_plan(plan, q, k)
+  check_plan(plan, q, k)
   num_warps = num_warps or default_num_warps(plan)
   num_stages = num_stages or default_num_stages(plan)
   scale = float(d ** -0.5 if sm_scale is None else sm_scale)
   kv_lengths = jnp.clip(kv_lengths, 0, smax)   # the kernel never reads past the cache
   qp = pack_queries(q, plan)
-  k, v = _pad_cache(k, v, plan)
+  k, v = pad_cache(k, v, plan)
   dp, tr = plan.head_dim_pad, plan.tile_r
   o_shape = jax.ShapeDtypeStruct((batch, hkv, plan.num_splits, plan.rows_pad, dp), jnp.float32)
   lse_shape = jax.ShapeDtypeStruct((batch, hkv, plan.num_splits, plan.rows_pad), jnp.float32)
@@ -328,7 +328,7 @@ def window_partials(q, k, v, kv_lengths, *, sm_scale=None, interpret=False, plan
   )(*args)
 
 
-def _check_plan(plan: DecodePlan, q, k):
+def check_plan(plan: DecodePlan, q, k):
   batch, window, hq, d = q.shape
   expected = (batch, k.shape[2], window * (hq // k.shape[2]), k.shape[1],
               cm.padded_head_dim(d))
@@ -340,7 +340,7 @@ def _check_plan(plan: DecodePlan, q, k):
 
 def window_attention_reference(q, k, v, kv_lengths, *, sm_scale: float | None = None):
   """Pure-jnp reference: keys ``[0, kv_lengths[b])`` visible, float32 softmax."""
-  kv_lengths = _validate(q, k, v, kv_lengths)
+  kv_lengths = validate_inputs(q, k, v, kv_lengths)
   batch, window, hq, d = q.shape
   smax, hkv = k.shape[1], k.shape[2]
   scale = d ** -0.5 if sm_scale is None else sm_scale

@@ -56,9 +56,9 @@ def test_mask_allowed_matches_masks_module(kind):
 @pytest.mark.parametrize("kind", bk.KINDS)
 def test_mask_allowed_from_index_vectors_matches_the_tile_form(kind):
   """The Mosaic kernels pass index vectors and broadcast each index's stream and block onto
-  the tile (``q_to_tile`` / ``k_to_tile``); the padding checks of ``_Geometry.allowed`` too."""
+  the tile (``q_to_tile`` / ``k_to_tile``); the padding checks of ``Geometry.allowed`` too."""
   t, s = (144, 150) if kind == "training_shared" else (96, 100)
-  geom = bk._Geometry(kind=kind, block_size=16, num_queries=t, num_keys=t - 3, t_pad=t,
+  geom = bk.Geometry(kind=kind, block_size=16, num_queries=t, num_keys=t - 3, t_pad=t,
                       s_pad=s, head_dim_pad=64, num_heads=1, num_kv_heads=1, scale=1.0,
                       tiling=None, interpret=True, poison=False)
   q_vec, k_vec = jnp.arange(t, dtype=jnp.int32), jnp.arange(s, dtype=jnp.int32)
@@ -204,12 +204,12 @@ def test_padded_outputs_are_all_written():
   """The raw (padded) kernel outputs hold no poison: every element of every tile is written."""
   kind, t, block_size = "training", 48, 8
   q, k, v, cot = _inputs(3, 1, t, t, 2, 1, 16, jnp.float32)
-  geom = bk._Geometry(kind=kind, block_size=block_size, num_queries=t, num_keys=t, t_pad=64,
+  geom = bk.Geometry(kind=kind, block_size=block_size, num_queries=t, num_keys=t, t_pad=64,
                       s_pad=64, head_dim_pad=16, num_heads=2, num_kv_heads=1, scale=0.25,
                       tiling=SMALL, interpret=True, poison=True)
   pad = lambda x: cm.pad_axis(x, 1, 64)  # noqa: E731
   o, lse = bk._forward(pad(q), pad(k), pad(v), geom)
-  grads = bk._backward(pad(q), pad(k), pad(v), o, lse, pad(cot), geom)
+  grads = bk.backward(pad(q), pad(k), pad(v), o, lse, pad(cot), geom)
   for x in (o, lse, *grads):
     assert np.all(np.isfinite(np.asarray(x)))
   *_, o32 = bk._forward(pad(q), pad(k), pad(v), geom, float32_out=True)  # bf16's residual
@@ -252,7 +252,7 @@ def test_bfloat16_gradients_are_as_accurate_as_the_reference(t):
 
 def test_poisoning_exposes_an_unwritten_element():
   """Negative control: a kernel that skips a row leaves the poison (NaN) visible."""
-  geom = bk._Geometry(kind="causal", block_size=1, num_queries=16, num_keys=16, t_pad=16,
+  geom = bk.Geometry(kind="causal", block_size=1, num_queries=16, num_keys=16, t_pad=16,
                       s_pad=16, head_dim_pad=16, num_heads=1, num_kv_heads=1, scale=1.0,
                       tiling=SMALL, interpret=True, poison=True)
 

@@ -74,7 +74,7 @@ def test_forward_matches_the_reference(kind, batch, t, hq, hkv, d, block_size):
 def test_forward_residuals_are_block_kernels():
   """o in float32 and the base-2 log-sum-exp: what block_kernel's backward reads."""
   q, k, v, _ = _inputs(4, 1, 256, 4, 2, 64)
-  geom = bk._Geometry(kind="training", block_size=32, num_queries=256, num_keys=256, t_pad=256,
+  geom = bk.Geometry(kind="training", block_size=32, num_queries=256, num_keys=256, t_pad=256,
                       s_pad=256, head_dim_pad=64, num_heads=4, num_kv_heads=2, scale=0.125,
                       tiling=bk.default_tiling(64), interpret=True, poison=False)
   o, lse, o32 = mb.mosaic_forward(q, k, v, geom, float32_out=True, interpret=True)
