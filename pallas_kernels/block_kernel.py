@@ -642,8 +642,8 @@ def block_attention(q, k, v, *, kind: str, block_size: int, sm_scale: float | No
   t_pad, s_pad = cm.cdiv(t, q_mult) * q_mult, cm.cdiv(s, k_mult) * k_mult
   d_pad = cm.padded_head_dim(d)
   geom = Geometry(kind=kind, block_size=int(block_size), num_queries=t, num_keys=s, t_pad=t_pad,
-                   s_pad=s_pad, head_dim_pad=d_pad, num_heads=hq, num_kv_heads=hkv, scale=scale,
-                   tiling=tiling, interpret=bool(interpret), poison=bool(poison_outputs))
+                  s_pad=s_pad, head_dim_pad=d_pad, num_heads=hq, num_kv_heads=hkv, scale=scale,
+                  tiling=tiling, interpret=bool(interpret), poison=bool(poison_outputs))
   qp = cm.pad_axis(cm.pad_axis(q, 1, t_pad), 3, d_pad)
   kp = cm.pad_axis(cm.pad_axis(k, 1, s_pad), 3, d_pad)
   vp = cm.pad_axis(cm.pad_axis(v, 1, s_pad), 3, d_pad)

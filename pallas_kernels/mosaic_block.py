@@ -529,9 +529,9 @@ def mosaic_block_attention(q, k, v, *, kind: str, block_size: int,
   t_pad, s_pad = cm.cdiv(t, TILE_Q) * TILE_Q, cm.cdiv(s, TILE_Q) * TILE_Q   # dK/dV: 128 keys
   scale = float(d ** -0.5 if sm_scale is None else sm_scale)
   geom = bk.Geometry(kind=kind, block_size=int(block_size), num_queries=t, num_keys=s,
-                      t_pad=t_pad, s_pad=s_pad, head_dim_pad=d, num_heads=hq, num_kv_heads=hkv,
-                      scale=scale, tiling=bk.default_tiling(d), interpret=bool(interpret),
-                      poison=False)
+                     t_pad=t_pad, s_pad=s_pad, head_dim_pad=d, num_heads=hq, num_kv_heads=hkv,
+                     scale=scale, tiling=bk.default_tiling(d), interpret=bool(interpret),
+                     poison=False)
   options = (("interpret", interpret), ("num_stages", num_stages),
              ("p_from_registers", p_from_registers), ("backward", backward))
   qp = cm.pad_axis(q, 1, t_pad)

@@ -59,8 +59,8 @@ def test_mask_allowed_from_index_vectors_matches_the_tile_form(kind):
   the tile (``q_to_tile`` / ``k_to_tile``); the padding checks of ``Geometry.allowed`` too."""
   t, s = (144, 150) if kind == "training_shared" else (96, 100)
   geom = bk.Geometry(kind=kind, block_size=16, num_queries=t, num_keys=t - 3, t_pad=t,
-                      s_pad=s, head_dim_pad=64, num_heads=1, num_kv_heads=1, scale=1.0,
-                      tiling=None, interpret=True, poison=False)
+                     s_pad=s, head_dim_pad=64, num_heads=1, num_kv_heads=1, scale=1.0,
+                     tiling=None, interpret=True, poison=False)
   q_vec, k_vec = jnp.arange(t, dtype=jnp.int32), jnp.arange(s, dtype=jnp.int32)
   tile_form = geom.allowed(q_vec[:, None], k_vec[None, :])
   vector_form = geom.allowed(q_vec, k_vec, lambda x: jnp.broadcast_to(x[:, None], (t, s)),
@@ -205,8 +205,8 @@ def test_padded_outputs_are_all_written():
   kind, t, block_size = "training", 48, 8
   q, k, v, cot = _inputs(3, 1, t, t, 2, 1, 16, jnp.float32)
   geom = bk.Geometry(kind=kind, block_size=block_size, num_queries=t, num_keys=t, t_pad=64,
-                      s_pad=64, head_dim_pad=16, num_heads=2, num_kv_heads=1, scale=0.25,
-                      tiling=SMALL, interpret=True, poison=True)
+                     s_pad=64, head_dim_pad=16, num_heads=2, num_kv_heads=1, scale=0.25,
+                     tiling=SMALL, interpret=True, poison=True)
   pad = lambda x: cm.pad_axis(x, 1, 64)  # noqa: E731
   o, lse = bk._forward(pad(q), pad(k), pad(v), geom)
   grads = bk.backward(pad(q), pad(k), pad(v), o, lse, pad(cot), geom)
@@ -253,8 +253,8 @@ def test_bfloat16_gradients_are_as_accurate_as_the_reference(t):
 def test_poisoning_exposes_an_unwritten_element():
   """Negative control: a kernel that skips a row leaves the poison (NaN) visible."""
   geom = bk.Geometry(kind="causal", block_size=1, num_queries=16, num_keys=16, t_pad=16,
-                      s_pad=16, head_dim_pad=16, num_heads=1, num_kv_heads=1, scale=1.0,
-                      tiling=SMALL, interpret=True, poison=True)
+                     s_pad=16, head_dim_pad=16, num_heads=1, num_kv_heads=1, scale=1.0,
+                     tiling=SMALL, interpret=True, poison=True)
 
   def lazy_kernel(x_ref, o_ref):
     o_ref[pl.ds(0, 8), :] = x_ref[pl.ds(0, 8), :]   # rows 8.. never written

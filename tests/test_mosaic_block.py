@@ -75,8 +75,8 @@ def test_forward_residuals_are_block_kernels():
   """o in float32 and the base-2 log-sum-exp: what block_kernel's backward reads."""
   q, k, v, _ = _inputs(4, 1, 256, 4, 2, 64)
   geom = bk.Geometry(kind="training", block_size=32, num_queries=256, num_keys=256, t_pad=256,
-                      s_pad=256, head_dim_pad=64, num_heads=4, num_kv_heads=2, scale=0.125,
-                      tiling=bk.default_tiling(64), interpret=True, poison=False)
+                     s_pad=256, head_dim_pad=64, num_heads=4, num_kv_heads=2, scale=0.125,
+                     tiling=bk.default_tiling(64), interpret=True, poison=False)
   o, lse, o32 = mb.mosaic_forward(q, k, v, geom, float32_out=True, interpret=True)
   o_ref, lse_ref, o32_ref = bk._forward(q, k, v, geom, float32_out=True)
   np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_ref), rtol=1e-5, atol=1e-5)
