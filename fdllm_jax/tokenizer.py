@@ -53,6 +53,11 @@ class Tokenizer:
       parts.append(f"{IM_START}assistant\n")
     return "".join(parts)
 
+  def save(self, directory: str) -> None:
+    """Writes the tokenizer files, readable as saved by transformers 4 and 5
+    (``save_hf_tokenizer``)."""
+    save_hf_tokenizer(self.hf, directory)
+
   def apply_chat_template(self, messages: Sequence[dict],
                           add_generation_prompt: bool = True) -> list[int]:
     """Token ids of the ChatML rendering of ``messages``."""
@@ -136,6 +141,50 @@ def _restore_pipeline(hf, tokenizer_file: str) -> None:
   for part in _PIPELINE_PARTS:
     if loaded.get(part) != wanted.get(part):
       setattr(backend, part, getattr(original, part))
+
+
+# transformers 5 writes a list of extra special tokens under this key; transformers 4 reads a
+# dict there (named tokens) and a list only under "additional_special_tokens".
+_EXTRA_SPECIAL_TOKENS = "extra_special_tokens"
+
+
+def portable_tokenizer_config(config: dict) -> dict:
+  """A fast tokenizer's ``tokenizer_config.json`` contents that transformers 4 and 5 both
+  read as ``tokenizer.json`` says (``save_hf_tokenizer``)."""
+  config = dict(config, tokenizer_class="PreTrainedTokenizerFast")
+  extra = config.get(_EXTRA_SPECIAL_TOKENS)
+  if isinstance(extra, list):
+    listed = config.get("additional_special_tokens") or []
+    config["additional_special_tokens"] = listed + [t for t in extra if t not in listed]
+    del config[_EXTRA_SPECIAL_TOKENS]
+  return config
+
+
+def save_hf_tokenizer(hf, directory: str) -> None:
+  """``hf.save_pretrained(directory)`` with a ``tokenizer_config.json`` that keeps
+  ``tokenizer.json`` the source of truth under ``transformers.AutoTokenizer``, in transformers
+  4 and 5.
+
+  transformers 5 names the object's class, e.g. ``Qwen2Tokenizer`` when the tokenizer was
+  loaded from a qwen2 checkpoint, and that class rebuilds its own pre-tokenizer on load: the
+  demo tokenizer's whole numbers (" 25") would come back split into digits. It also writes
+  ``TokenizersBackend`` and a list of extra special tokens, which transformers 4 cannot read.
+  The config therefore names ``PreTrainedTokenizerFast``, which both versions load from
+  ``tokenizer.json`` unchanged, and lists the extra special tokens where both read them.
+  (transformers 5 still picks ``Qwen2Tokenizer`` for a checkpoint whose config.json says
+  ``model_type: qwen2``, whatever the tokenizer config names; ``load_tokenizer`` and
+  ``PreTrainedTokenizerFast.from_pretrained`` read such a directory as saved.)
+  """
+  hf.save_pretrained(directory)
+  config_path = os.path.join(directory, "tokenizer_config.json")
+  if not (os.path.isfile(os.path.join(directory, "tokenizer.json"))
+          and os.path.isfile(config_path)):
+    return  # a slow (Python) tokenizer: its class is what reads its files
+  with open(config_path, encoding="utf-8") as f:
+    config = portable_tokenizer_config(json.load(f))
+  with open(config_path, "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2, ensure_ascii=False)
+    f.write("\n")
 
 
 def wrap_hf_tokenizer(hf) -> Tokenizer:

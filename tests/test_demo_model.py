@@ -71,6 +71,22 @@ def test_fast_dllm_solves_a_held_out_problem(tokenizer, prompt, dual_cache):
   assert out.tokens_per_forward > 1.5  # parallel decoding really happened
 
 
+def test_transformers_tokenizes_both_as_trained(tokenizer, prompt):
+  """transformers alone reads the bundled tokenizers as the models were trained: the adapted
+  model's through AutoTokenizer (as the reference's code loads it), the AR base's through
+  PreTrainedTokenizerFast (for a qwen2 config.json, transformers 5's AutoTokenizer rebuilds
+  Qwen2's pre-tokenizer, which splits numbers into digits). Both render the chat prompt to
+  the ids our tokenizer gives."""
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+  messages = [{"role": "user", "content": demo.DEMO_QUESTION}]
+  for hf in (AutoTokenizer.from_pretrained(demo.FAST_DLLM_DIR, trust_remote_code=False),
+             PreTrainedTokenizerFast.from_pretrained(demo.AR_BASE_DIR)):
+    rendered = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    assert list(rendered["input_ids"]) == prompt
+    assert hf.convert_tokens_to_ids("|<MASK>|") == tokenizer.mask_id
+
+
 def test_transformers_loads_both(tokenizer, prompt):
   """The AR base through AutoModelForCausalLM; the adapted weights through Qwen2ForCausalLM
   (its own class needs the reference's remote code). Greedy logits match ours."""

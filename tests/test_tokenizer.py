@@ -100,6 +100,45 @@ def test_tokenizer_json_splitting_survives_the_model_config(tmp_path, config):
   assert tok.decode(tok.encode(text)) == text
 
 
+def test_saved_tokenizer_reads_back_as_saved_through_auto_tokenizer(tmp_path):
+  """The demo's two stages: stage 2 loads stage 1's export (a qwen2 config.json, so
+  transformers 5 builds a Qwen2Tokenizer and load_tokenizer restores the file's splitting) and
+  saves it next to a Fast_dLLM_Qwen config. transformers.AutoTokenizer, as the reference's
+  code calls it, must then split text as tokenizer.json does (it re-split whole numbers into
+  digits when the config named Qwen2Tokenizer), and the config must be one transformers 4
+  reads too: a class it knows, the extra special tokens listed where it reads a list."""
+  import tokenizers
+  from transformers import AutoTokenizer
+
+  from fdllm_jax.demo import tokenizer_train
+
+  texts = [f"Mia has {n} apples and {n + 3} pears.\nThe answer is \\boxed{{{n}}}."
+           for n in range(40)]
+  stage1 = str(tmp_path / "stage1")
+  tokenizer_train.save_tokenizer(tokenizer_train.train_tokenizer(texts, vocab_size=300), stage1)
+  with open(os.path.join(stage1, "config.json"), "w") as f:
+    json.dump({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, f)
+  loaded = fdllm_jax.load_tokenizer(stage1)
+  assert type(loaded.hf).__name__ == "Qwen2Tokenizer"  # what transformers 5 picks for qwen2
+  stage2 = str(tmp_path / "stage2")
+  loaded.save(stage2)
+  with open(os.path.join(stage2, "config.json"), "w") as f:
+    json.dump({"model_type": "Fast_dLLM_Qwen", "bd_size": 32}, f)
+
+  with open(os.path.join(stage2, "tokenizer_config.json")) as f:
+    config = json.load(f)
+  assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+  assert "extra_special_tokens" not in config
+  assert {"<|im_start|>", "|<MASK>|"} <= set(config["additional_special_tokens"])
+
+  text = "Mia has 5 apples and 12 pears.\nThe answer is \\boxed{17}."
+  expected = tokenizers.Tokenizer.from_file(os.path.join(stage2, "tokenizer.json")).encode(text)
+  auto = AutoTokenizer.from_pretrained(stage2, trust_remote_code=False)
+  assert auto(text)["input_ids"] == expected.ids == loaded.encode(text)
+  assert auto.convert_tokens_to_ids("|<MASK>|") == loaded.mask_id
+  assert "|<MASK>|" in auto.all_special_tokens and auto.eos_token == "<|im_end|>"
+
+
 @pytest.mark.parametrize("user_flag", [None, "1"])
 def test_loading_without_pytorch_prints_no_pytorch_advisory(user_flag):
   """transformers' "PyTorch was not found" note is not shown on load_tokenizer's first import

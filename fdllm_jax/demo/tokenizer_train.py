@@ -16,7 +16,8 @@ import json
 import os
 from typing import Iterable, Iterator, Sequence
 
-from fdllm_jax.tokenizer import CHATML_TEMPLATE, END_OF_TEXT, IM_END, IM_START, MASK_TOKEN
+from fdllm_jax.tokenizer import (CHATML_TEMPLATE, END_OF_TEXT, IM_END, IM_START, MASK_TOKEN,
+                                 save_hf_tokenizer)
 
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, MASK_TOKEN)
 DEFAULT_VOCAB_SIZE = 512
@@ -68,7 +69,7 @@ def save_tokenizer(tokenizer, directory: str) -> None:
                                additional_special_tokens=[IM_START, MASK_TOKEN])
   hf.chat_template = CHATML_TEMPLATE
   hf.model_max_length = 4096
-  hf.save_pretrained(directory)
+  save_hf_tokenizer(hf, directory)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -763,7 +763,7 @@ class Trainer:
         lambda: Transformer(export_config, dtype=dtype, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, _int_keys(host))
     save_hf(nnx.merge(graphdef, state), directory)
-    self.tokenizer.hf.save_pretrained(directory)
+    self.tokenizer.save(directory)
     return directory
 
   def close(self):
