@@ -108,6 +108,7 @@ def test_saved_tokenizer_reads_back_as_saved_through_auto_tokenizer(tmp_path):
   digits when the config named Qwen2Tokenizer), and the config must be one transformers 4
   reads too: a class it knows, the extra special tokens listed where it reads a list."""
   import tokenizers
+  import transformers
   from transformers import AutoTokenizer
 
   from fdllm_jax.demo import tokenizer_train
@@ -119,7 +120,8 @@ def test_saved_tokenizer_reads_back_as_saved_through_auto_tokenizer(tmp_path):
   with open(os.path.join(stage1, "config.json"), "w") as f:
     json.dump({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, f)
   loaded = fdllm_jax.load_tokenizer(stage1)
-  assert type(loaded.hf).__name__ == "Qwen2Tokenizer"  # what transformers 5 picks for qwen2
+  if int(transformers.__version__.split(".")[0]) >= 5:
+    assert type(loaded.hf).__name__ == "Qwen2Tokenizer"  # what transformers 5 picks for qwen2
   stage2 = str(tmp_path / "stage2")
   loaded.save(stage2)
   with open(os.path.join(stage2, "config.json"), "w") as f:
@@ -128,7 +130,7 @@ def test_saved_tokenizer_reads_back_as_saved_through_auto_tokenizer(tmp_path):
   with open(os.path.join(stage2, "tokenizer_config.json")) as f:
     config = json.load(f)
   assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
-  assert "extra_special_tokens" not in config
+  assert not isinstance(config.get("extra_special_tokens"), list)  # 4 reads a dict there
   assert {"<|im_start|>", "|<MASK>|"} <= set(config["additional_special_tokens"])
 
   text = "Mia has 5 apples and 12 pears.\nThe answer is \\boxed{17}."
