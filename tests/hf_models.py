@@ -18,8 +18,8 @@ def tiny_config(model_type="qwen2", *, vocab_size=517, hidden_size=96, intermedi
                 max_position_embeddings=4096, **extra)
   if head_dim is not None:
     kwargs["head_dim"] = head_dim
-  config = cls(**kwargs)
-  config.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+  config = cls(rope_theta=rope_theta, **kwargs)  # transformers 4 reads this
+  config.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}  # and 5 this
   return config
 
 
