@@ -141,6 +141,21 @@ def test_saved_tokenizer_reads_back_as_saved_through_auto_tokenizer(tmp_path):
   assert "|<MASK>|" in auto.all_special_tokens and auto.eos_token == "<|im_end|>"
 
 
+def test_saved_qwen_tokenizer_reads_back_through_auto_tokenizer(qwen_tokenizer, tmp_path):
+  """A fine-tuned Qwen2.5 export: the generic class reads Qwen's own tokenizer.json exactly as
+  our tokenizer splits text (digits one by one, NFC, non-Latin text), MASK included."""
+  from transformers import AutoTokenizer
+
+  directory = str(tmp_path / "export")
+  qwen_tokenizer.save(directory)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump({"model_type": "Fast_dLLM_Qwen", "bd_size": 32}, f)
+  auto = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+  text = "Lily has 1234 cookies, Ｃafé e\u0301 你好 |<MASK>| <|im_end|>\n  x"
+  assert auto(text)["input_ids"] == qwen_tokenizer.encode(text)
+  assert auto.convert_tokens_to_ids("|<MASK>|") == 151665
+
+
 @pytest.mark.parametrize("user_flag", [None, "1"])
 def test_loading_without_pytorch_prints_no_pytorch_advisory(user_flag):
   """transformers' "PyTorch was not found" note is not shown on load_tokenizer's first import
