@@ -104,9 +104,26 @@ def visibility(mask, num_queries: int, num_keys: int, q_offset_B=None, kv_length
   if allowed.ndim == 2:
     allowed = allowed[None]
   if kv_lengths_B is not None:
-    in_range_BxS = k_idx_S[None, :] < jnp.asarray(kv_lengths_B, jnp.int32)[:, None]
-    allowed = allowed & in_range_BxS[:, None, :]
+    allowed = allowed & _live_keys(kv_lengths_B, num_keys)[:, None, :]
   return allowed
+
+
+def _live_keys(kv_lengths_B, num_keys: int):
+  """Boolean [B, S]: the keys inside each row's length."""
+  return jnp.arange(num_keys, dtype=jnp.int32)[None, :] < jnp.asarray(kv_lengths_B,
+                                                                       jnp.int32)[:, None]
+
+
+def _without_stale_values(v_BxSxKxD, kv_lengths_B):
+  """Zeros the value slots past each row's length (none without lengths).
+
+  Those cache slots are stale (a previous step's or prompt's). Their attention weights are 0,
+  but 0 * NaN is NaN: one bad value left there would poison every later query of the row.
+  """
+  if kv_lengths_B is None:
+    return v_BxSxKxD
+  live_BxS = _live_keys(kv_lengths_B, v_BxSxKxD.shape[1])
+  return jnp.where(live_BxS[:, :, None, None], v_BxSxKxD, jnp.zeros((), v_BxSxKxD.dtype))
 
 
 def xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None,
@@ -122,6 +139,7 @@ def xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None,
   allowed_BxTxS = visibility(mask, num_q, k_BxSxKxD.shape[1], q_offset_B, kv_lengths_B)
   scores = jnp.where(allowed_BxTxS[:, None, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+  v_BxSxKxD = _without_stale_values(v_BxSxKxD, kv_lengths_B)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD,
                    preferred_element_type=jnp.float32)
   return out.reshape(batch, num_q, num_heads, head_dim).astype(q_BxTxHxD.dtype)
@@ -350,7 +368,8 @@ def cudnn_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None,
   else:
     allowed_BxTxS = visibility(mask, num_q, num_k, q_offset_B, kv_lengths_B)
     kwargs["mask"] = allowed_BxTxS[:, None]
-  return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, **kwargs)
+  return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD,
+                                      _without_stale_values(v_BxSxKxD, kv_lengths_B), **kwargs)
 
 
 def _check_row_indices(batch: int, **per_row) -> None:

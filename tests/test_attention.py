@@ -115,6 +115,20 @@ def test_decode_window_matches_xla(implementation):
   assert _rel(out, ref) <= (F32_TOL if dtype == jnp.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas", "cudnn"])
+def test_stale_slots_past_the_lengths_never_reach_the_output(implementation):
+  """A cache's slots past a row's length hold what an earlier step or prompt left there;
+  NaN there must not reach the output (0 * NaN is NaN: the xla path once let it through)."""
+  q, k, v = _qkv(6, 3, 8, 40, 6, 2, 16)
+  lengths = jnp.asarray([1, 40, 23], jnp.int32)
+  kwargs = dict(mask=masks.Full(), q_offset_B=lengths - 1, kv_lengths_B=lengths)
+  stale = (jnp.arange(40)[None, :] >= lengths[:, None])[:, :, None, None]
+  clean = attn.attention(q, k, v, implementation=implementation, **kwargs)
+  poisoned = attn.attention(q, jnp.where(stale, jnp.nan, k), jnp.where(stale, jnp.nan, v),
+                            implementation=implementation, **kwargs)
+  np.testing.assert_array_equal(np.asarray(poisoned), np.asarray(clean))
+
+
 def test_pallas_gradients_match_xla():
   mask = masks.Training(8, 16)
   q, k, v = _qkv(11, 1, 32, 32, 4, 2, 16)

@@ -670,3 +670,35 @@ def test_ids_outside_the_model_vocabulary(plain_model):
     fdllm_jax.generate_ar(plain_model, [[1]], max_new_tokens=2, stop_ids=(9999,))
   with pytest.raises(ValueError, match=r"max_new_tokens must be an integer >= 1; got 0"):
     fdllm_jax.generate_ar(plain_model, [[1]], max_new_tokens=0)
+
+
+@pytest.mark.parametrize("engine", ["diffusion", "dual_cache", "ar"])
+def test_stale_cache_slots_never_reach_the_output(confident_model, monkeypatch, engine):
+  """Cache slots past a row's kv_lengths hold whatever an earlier prompt of that row (or an
+  earlier step) left there. Even NaN there must not reach any token: every cache starts
+  filled with NaN instead of zeros, and the tokens are those of a clean run, in one batch and
+  streamed through fewer rows (refilled rows keep their predecessor's slots)."""
+  import collections
+
+  generate_lib = importlib.import_module("fdllm_jax.generate")  # the name is the function
+  prompts = [_prompt(n, seed=9) for n in (5, 40, 17, 33)]
+
+  def run():
+    if engine == "ar":
+      return [fdllm_jax.generate_ar(confident_model, prompts, max_new_tokens=24, stop_ids=(),
+                                    max_batch_size=b).tokens for b in (None, 2)]
+    config = _config(max_new_tokens=24, stop_ids=(), use_dual_cache=engine == "dual_cache")
+    return [fdllm_jax.generate(confident_model, prompts, config, max_batch_size=b).tokens
+            for b in (None, 2)]
+
+  clean = run()
+  clean_init = KVCache.init.__func__
+
+  def nan_init(cls, *args, **kwargs):
+    cache = clean_init(cls, *args, **kwargs)
+    fill = lambda x: jax.numpy.full_like(x, jax.numpy.nan)
+    return cache.replace(keys=tuple(map(fill, cache.keys)), values=tuple(map(fill, cache.values)))
+
+  monkeypatch.setattr(KVCache, "init", classmethod(nan_init))
+  monkeypatch.setattr(generate_lib, "_COMPILED", collections.OrderedDict())  # retrace
+  assert run() == clean
