@@ -680,7 +680,6 @@ def test_stale_cache_slots_never_reach_the_output(confident_model, monkeypatch, 
   streamed through fewer rows (refilled rows keep their predecessor's slots)."""
   import collections
 
-  generate_lib = importlib.import_module("fdllm_jax.generate")  # the name is the function
   prompts = [_prompt(n, seed=9) for n in (5, 40, 17, 33)]
 
   def run():
