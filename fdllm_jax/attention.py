@@ -110,8 +110,8 @@ def visibility(mask, num_queries: int, num_keys: int, q_offset_B=None, kv_length
 
 def _live_keys(kv_lengths_B, num_keys: int):
   """Boolean [B, S]: the keys inside each row's length."""
-  return jnp.arange(num_keys, dtype=jnp.int32)[None, :] < jnp.asarray(kv_lengths_B,
-                                                                       jnp.int32)[:, None]
+  lengths_B = jnp.asarray(kv_lengths_B, jnp.int32)
+  return jnp.arange(num_keys, dtype=jnp.int32)[None, :] < lengths_B[:, None]
 
 
 def _without_stale_values(v_BxSxKxD, kv_lengths_B):

@@ -5,6 +5,7 @@ written here: the no-cache one re-runs the whole sequence with the block-causal 
 step; the DualCache one follows spec 4.6 literally with two cache objects and Python loops.
 """
 
+import collections
 import importlib
 import warnings
 
@@ -678,8 +679,6 @@ def test_stale_cache_slots_never_reach_the_output(confident_model, monkeypatch, 
   earlier step) left there. Even NaN there must not reach any token: every cache starts
   filled with NaN instead of zeros, and the tokens are those of a clean run, in one batch and
   streamed through fewer rows (refilled rows keep their predecessor's slots)."""
-  import collections
-
   prompts = [_prompt(n, seed=9) for n in (5, 40, 17, 33)]
 
   def run():
