@@ -14,8 +14,9 @@ def _use_a_fresh_compilation_cache() -> None:
 
   Tests build the same tiny models and kernels again in new closures, which jit's in-memory
   cache cannot see through; keyed by the lowered program, XLA compiles each once
-  (tests/test_generate.py: 132 s against 167 s on 2 cores). A fresh directory keeps runs independent of each other; subprocesses
-  (the CLI and multi-process tests) inherit it. A directory already set is used as it is.
+  (tests/test_generate.py: 132 s against 167 s on 2 cores). A fresh directory keeps runs
+  independent of each other; subprocesses (the CLI and multi-process tests) inherit it. A
+  directory already set is used as it is.
   """
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
