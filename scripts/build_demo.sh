@@ -12,10 +12,11 @@
 #   5. export:    models/demo/ar_base and models/demo/fast_dllm (HF layout + tokenizer)
 #   6. check:     accuracy of both on 200 held-out problems, speed of both decoders
 #
-# On 2 CPU cores (session 11): data + tokenizer 13 s, stage 1 852 s (1000 steps, 0.85 s a step),
-# stage 2 1162 s (600 steps, 1.9 s a step with the AR replay), export 7 s: 34 minutes with
-# SKIP_CHECK=1 on a machine 25-30% slower per step than sessions 5 and 9 measured (there about
-# 27 minutes). Sessions 10 and 11 built the same weights, bit for bit.
+# On 2 CPU cores, the six-layer bundle's two train.py runs (sessions 23 and 24, these configs):
+# stage 1 1132 s (1000 steps, 1.13 s a step), stage 2 2603 s (1000 steps, 2.6 s a step with the
+# AR replay): about 62 minutes with SKIP_CHECK=1, twice the 30 minutes of issue #6 (README,
+# "What the demo shows"). The four-layer bundle until session 23 took 34 minutes through this
+# script (1000 + 600 steps; docs/demo_history.md).
 #
 # Work files go to workdirs/demo/. Interrupted? Run the same command again: each stage resumes
 # from its newest checkpoint. Rebuild from scratch: rm -rf workdirs/demo first.

@@ -12,11 +12,12 @@ from tests import benchmark_modules
 
 demo_speed_accuracy = benchmark_modules.load("demo_speed_accuracy")
 
-pytestmark = pytest.mark.skipif(
+needs_bundle = pytest.mark.skipif(
     not os.path.isfile(os.path.join(demo.FAST_DLLM_DIR, "model.safetensors")),
     reason="the bundled demo checkpoints are not in this checkout (bash scripts/build_demo.sh)")
 
 
+@needs_bundle
 def test_report_matches_direct_decoding(tmp_path):
   from fdllm_jax import load_model, load_tokenizer
   from fdllm_jax.demo import task
@@ -51,6 +52,7 @@ def test_report_matches_direct_decoding(tmp_path):
   assert len(report["forward_cost"]) == 1 and report["forward_cost"][0]["batch_size"] == 2
 
 
+@needs_bundle
 def test_stream_chunk_streams_both_engines_with_the_same_tokens(tmp_path, monkeypatch):
   # 5 problems through 2 rows in one chunk against fixed batches of 2: the same tokens and
   # accuracy per method, fewer batch forwards (no row waits for its batch's slowest row).
@@ -69,3 +71,26 @@ def test_stream_chunk_streams_both_engines_with_the_same_tokens(tmp_path, monkey
     assert b["forwards"] <= a["forwards"]
   with pytest.raises(SystemExit):
     demo_speed_accuracy.parse_args(["--stream_chunk", "-1"])
+
+
+def test_place_labels_keeps_labels_apart_inside_the_axes_and_off_the_markers():
+  place = demo_speed_accuracy.place_labels
+  bounds = (0, 0, 100, 100)
+  # two labels wanting the same spot: the better priority gets it, the other its second choice
+  same = [[(10, 10, 30, 20), (40, 10, 60, 20)], [(10, 10, 30, 20), (40, 10, 60, 20)]]
+  assert place(same, [1, 0], bounds) == {1: 0, 0: 1}
+  # no candidate left: the label is left out rather than drawn over another
+  assert place([[(10, 10, 30, 20)], [(15, 12, 35, 22)]], [0, 1], bounds) == {0: 0}
+  # outside the axes, or over a marker: the next candidate
+  assert place([[(-5, 10, 15, 20), (20, 10, 40, 20)]], [0], bounds) == {0: 1}
+  assert place([[(10, 10, 30, 20), (50, 50, 70, 60)]], [0], bounds, [(25, 15, 27, 17)]) == {0: 1}
+  # boxes that only touch do not overlap
+  assert place([[(10, 10, 30, 20)], [(30, 10, 50, 20)]], [0, 1], bounds) == {0: 0, 1: 0}
+
+
+def test_label_priority_puts_the_headline_thresholds_first():
+  thresholds = [1.0, 0.95, 0.9, 0.8, 0.5]
+  order = sorted(((t, dual) for t in thresholds for dual in (False, True)),
+                 key=lambda p: demo_speed_accuracy._label_priority(*p, thresholds))
+  assert order[:6] == [(0.9, False), (0.9, True), (1.0, False), (1.0, True), (0.5, False),
+                       (0.5, True)]

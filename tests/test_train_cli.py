@@ -155,14 +155,15 @@ def _demo_config(*names):
 
 def test_demo_stage1_config_parses_with_the_bundles_steps():
   config = _demo_config("demo_ar.gin")
-  # The bundle's split of the 30 minutes: 1000 AR steps + 600 stage-2 steps (session 11).
+  # The bundle since session 24: six layers of 192 at 1.5e-3, 1000 AR steps + 1000 stage-2 steps.
   assert config.objective == "autoregressive" and config.init == "scratch"
-  assert config.num_steps == 1000 and config.learning_rate == 3e-3
+  assert config.num_steps == 1000 and config.learning_rate == 1.5e-3
+  assert (config.model["num_hidden_layers"], config.model["hidden_size"]) == (6, 192)
 
 
 def test_demo_stage2_and_the_paper_recipe_overlay_parse():
   bundle = _demo_config("demo_adapt.gin")
-  assert bundle.objective == "block_diffusion" and bundle.num_steps == 600
+  assert bundle.objective == "block_diffusion" and bundle.num_steps == 1000
   assert bundle.learning_rate == 6e-4
   assert (bundle.mask_pattern, bundle.mask_sub_block_size, bundle.mask_loss,
           bundle.ar_loss_weight) == ("sub_block", 8, "active_sub_block", 1.0)
