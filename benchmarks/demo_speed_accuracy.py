@@ -289,8 +289,30 @@ def _label_box(anchor_px, side, px_per_pt: float):
 def _label_priority(threshold: float, dual: bool, thresholds: list[float]) -> tuple:
   """The headline thresholds (0.9, then 1.0) first, then the lowest, then the rest from high
   to low; the block-cache series before DualCache."""
-  rank = {0.9: 0, 1.0: 1, min(thresholds): 2}.get(threshold, 3)
+  headline = (0.9, 1.0)
+  rank = (headline.index(threshold) if threshold in headline
+          else 2 if threshold == min(thresholds) else 3)
   return rank, -threshold, dual
+
+
+def _annotate_apart(ax, labelled, px_per_pt: float) -> None:
+  """Labels (threshold, tokens per forward) of the points that ``place_labels`` finds room for."""
+  ax.autoscale_view()  # final limits: data -> pixel positions below are the drawn ones
+  anchors = ax.transData.transform(
+      [(r["tokens_per_s"], 100 * r["accuracy"]) for r, _, _ in labelled]).tolist()
+  candidates = [[_label_box(a, side, px_per_pt) for side in LABEL_SIDES[dual]]
+                for a, (_, _, dual) in zip(anchors, labelled)]
+  thresholds = [r["threshold"] for r, _, _ in labelled]
+  priorities = [_label_priority(r["threshold"], dual, thresholds) for r, _, dual in labelled]
+  markers = [(x - MARKER_PX, y - MARKER_PX, x + MARKER_PX, y + MARKER_PX) for x, y in anchors]
+  for i, k in place_labels(candidates, priorities, ax.bbox.extents, markers).items():
+    r, color, dual = labelled[i]
+    sx, sy = LABEL_SIDES[dual][k]
+    ax.annotate(f"{r['threshold']:g}\n{r['tokens_per_row_forward']:.1f} tpf",
+                (r["tokens_per_s"], 100 * r["accuracy"]), textcoords="offset points",
+                xytext=(sx * LABEL_OFFSET_PT, sy * LABEL_OFFSET_PT),
+                ha="left" if sx > 0 else "right", va="bottom" if sy > 0 else "top",
+                fontsize=7, color=color)
 
 
 def plot(report: dict, path: str) -> None:
@@ -301,12 +323,13 @@ def plot(report: dict, path: str) -> None:
   batch_sizes = sorted({r["batch_size"] for r in report["results"]})
   fig, axes = plt.subplots(1, len(batch_sizes), figsize=(6.2 * len(batch_sizes), 4.6),
                            squeeze=False)
+  labelled_per_ax = []  # per panel: (row, colour, dual) of every diffusion point
   for ax, bs in zip(axes[0], batch_sizes):
     rows = [r for r in report["results"] if r["batch_size"] == bs]
     ar = next(r for r in rows if r["model"] == "ar_base")
     ax.scatter([ar["tokens_per_s"]], [100 * ar["accuracy"]], marker="*", s=260, color="black",
                zorder=3, label="AR base (generate_ar)")
-    labelled = []  # (row, colour, dual) of every diffusion point
+    labelled = []
     for dual, color, marker in ((False, "tab:blue", "o"), (True, "tab:orange", "s")):
       series = sorted((r for r in rows if r["model"] == "fast_dllm" and r["dual_cache"] == dual),
                       key=lambda r: -r["threshold"])
@@ -316,6 +339,7 @@ def plot(report: dict, path: str) -> None:
               marker=marker, color=color,
               label=f"Fast-dLLM v2 {'+ DualCache' if dual else '(block cache)'}")
       labelled += [(r, color, dual) for r in series]
+    labelled_per_ax.append(labelled)
     ax.set_xlabel("generated tokens / s (wall clock)")
     ax.set_ylabel("accuracy on held-out problems (%)")
     ax.set_title(f"batch size {bs}")
@@ -323,27 +347,13 @@ def plot(report: dict, path: str) -> None:
     accuracies = [100 * r["accuracy"] for r in rows]
     # the measured range, with room for the labels below the lowest and above the highest point
     ax.set_ylim(max(-4.0, min(accuracies) - 10), min(106.0, max(accuracies) + 8))
-    ax.autoscale_view()  # final limits, so that data -> pixel positions below are the drawn ones
-    anchors = ax.transData.transform(
-        [(r["tokens_per_s"], 100 * r["accuracy"]) for r, _, _ in labelled]).tolist()
-    candidates = [[_label_box(a, side, fig.dpi / 72) for side in LABEL_SIDES[dual]]
-                  for a, (_, _, dual) in zip(anchors, labelled)]
-    thresholds = [r["threshold"] for r, _, _ in labelled]
-    priorities = [_label_priority(r["threshold"], dual, thresholds) for r, _, dual in labelled]
-    markers = [(x - MARKER_PX, y - MARKER_PX, x + MARKER_PX, y + MARKER_PX) for x, y in anchors]
-    for i, k in place_labels(candidates, priorities, ax.bbox.extents, markers).items():
-      r, color, dual = labelled[i]
-      sx, sy = LABEL_SIDES[dual][k]
-      ax.annotate(f"{r['threshold']:g}\n{r['tokens_per_row_forward']:.1f} tpf",
-                  (r["tokens_per_s"], 100 * r["accuracy"]), textcoords="offset points",
-                  xytext=(sx * LABEL_OFFSET_PT, sy * LABEL_OFFSET_PT),
-                  ha="left" if sx > 0 else "right", va="bottom" if sy > 0 else "top",
-                  fontsize=7, color=color)
     ax.legend(fontsize=8, loc="best")  # the points move with the machine: let matplotlib choose
   fig.suptitle(f"Demo model ({report['params'] / 1e6:.1f}M params), {report['num_problems']} "
                f"problems, {report['device']}; labels: threshold, tokens per forward "
                f"(overlapping labels left out; every point in the JSON)", fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout()  # before the labels: their places are computed in the final pixels
+  for ax, labelled in zip(axes[0], labelled_per_ax):
+    _annotate_apart(ax, labelled, fig.dpi / 72)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
   plt.close(fig)

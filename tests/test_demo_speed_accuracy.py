@@ -94,3 +94,5 @@ def test_label_priority_puts_the_headline_thresholds_first():
                  key=lambda p: demo_speed_accuracy._label_priority(*p, thresholds))
   assert order[:6] == [(0.9, False), (0.9, True), (1.0, False), (1.0, True), (0.5, False),
                        (0.5, True)]
+  # 0.9 stays first when it is also the lowest threshold
+  assert demo_speed_accuracy._label_priority(0.9, False, [1.0, 0.9])[0] == 0
