@@ -28,7 +28,7 @@ def _operative_gin(path):
 def test_unknown_size_fails_before_any_work(tmp_path):
   result = _run({"SIZES": "s192x", "SCALE_WORK": str(tmp_path / "work")}, tmp_path / "out")
   assert result.returncode == 2, result.stderr
-  assert "unknown size 's192x'" in result.stderr and "s192, m384 or l768" in result.stderr
+  assert "unknown size 's192x'" in result.stderr and "s192, d192, m384 or l768" in result.stderr
   assert not (tmp_path / "work").exists()
 
 
