@@ -12,11 +12,10 @@
 #   5. export:    models/demo/ar_base and models/demo/fast_dllm (HF layout + tokenizer)
 #   6. check:     accuracy of both on 200 held-out problems, speed of both decoders
 #
-# On 2 CPU cores, the six-layer bundle's two train.py runs (sessions 23 and 24, these configs):
-# stage 1 1132 s (1000 steps, 1.13 s a step), stage 2 2603 s (1000 steps, 2.6 s a step with the
-# AR replay): about 62 minutes with SKIP_CHECK=1, twice the 30 minutes of issue #6 (README,
-# "What the demo shows"). The four-layer bundle until session 23 took 34 minutes through this
-# script (1000 + 600 steps; docs/demo_history.md).
+# On 2 CPU cores (session 24, SKIP_CHECK=1): data + tokenizer 8 s, stage 1 1045 s (1000 steps),
+# stage 2 2436 s (1000 steps with the AR replay): 58 minutes, twice the 30 minutes of
+# issue #6 (README, "What the demo shows"); the weights are the bundle's, bit for bit. The
+# four-layer bundle until session 23 (1000 + 600 steps) took 34 minutes here.
 #
 # Work files go to workdirs/demo/. Interrupted? Run the same command again: each stage resumes
 # from its newest checkpoint. Rebuild from scratch: rm -rf workdirs/demo first.
