@@ -265,13 +265,14 @@ def place_labels(candidates, priorities, bounds, obstacles=()) -> dict[int, int]
   and speed, and their stacked labels are unreadable (the JSON has every value).
   """
   placed: dict[int, int] = {}
+  taken = list(obstacles)  # the obstacles, then every label placed so far
   for i in sorted(range(len(candidates)), key=lambda i: priorities[i]):
     for k, box in enumerate(candidates[i]):
       inside = (bounds[0] <= box[0] and box[2] <= bounds[2] and bounds[1] <= box[1]
                 and box[3] <= bounds[3])
-      taken = [candidates[j][placed[j]] for j in placed] + list(obstacles)
       if inside and not any(_overlap(box, other) for other in taken):
         placed[i] = k
+        taken.append(box)
         break
   return placed
 
@@ -279,10 +280,10 @@ def place_labels(candidates, priorities, bounds, obstacles=()) -> dict[int, int]
 def _label_box(anchor_px, side, px_per_pt: float):
   """The label's box on ``side`` (x, y signs) of its point, in display units."""
   (x, y), (w, h) = anchor_px, LABEL_SIZE_PT
-  near, far = LABEL_OFFSET_PT * px_per_pt, (LABEL_OFFSET_PT + w) * px_per_pt
-  x0, x1 = (x + near, x + far) if side[0] > 0 else (x - far, x - near)
-  far = (LABEL_OFFSET_PT + h) * px_per_pt
-  y0, y1 = (y + near, y + far) if side[1] > 0 else (y - far, y - near)
+  near = LABEL_OFFSET_PT * px_per_pt
+  far_x, far_y = (LABEL_OFFSET_PT + w) * px_per_pt, (LABEL_OFFSET_PT + h) * px_per_pt
+  x0, x1 = (x + near, x + far_x) if side[0] > 0 else (x - far_x, x - near)
+  y0, y1 = (y + near, y + far_y) if side[1] > 0 else (y - far_y, y - near)
   return x0, y0, x1, y1
 
 
