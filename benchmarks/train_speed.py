@@ -17,7 +17,12 @@ printed per measurement, then one with the ratios between them. ``--rounds N`` t
 N times in alternation (A, B, A, B, ...) so that a slow spell of a shared machine hits both;
 the ratios then use each objective's median step time. ``block_diffusion_shared`` is
 block diffusion with ``TrainConfig.share_clean_stream`` (x_t^A ++ x_t^B ++ x_0, one row of 3L
-per sample): the same loss from less work.
+per sample): the same loss from less work. ``--attention_impls xla,xla_blocks`` times every
+objective with each attention implementation in turn (records named ``objective@impl``):
+
+    python benchmarks/train_speed.py --gin_file configs/demo_adapt.gin --model_config \
+        models/demo/fast_dllm/config.json --objectives block_diffusion_shared \
+        --attention_impls xla_blocks,xla --rounds 3
 
 Model FLOPs per optimizer step (the MFU numerator; remat's extra forward is not counted):
 
@@ -29,7 +34,8 @@ with, for N sequences of L tokens per step,
     block_diffusion: S_trunk = 2 views x N x 2L tokens, T = 2L, S_head = 2N x L (x_t half only)
     ..._shared:      S_trunk = N x 3L tokens,           T = 3L, S_head = 2N x L
     autoregressive:  S_trunk = N x L,                    T = L,  S_head = N x L
-and attention counted dense (every query against all T keys, as the XLA kernel computes).
+and attention counted dense (every query against all T keys, as the ``xla`` reference
+computes; the block kernels and ``xla_blocks`` skip what the mask hides).
 MFU = flops / step_time / (devices x peak FLOP/s); the peak is looked up from the device kind
 for the compute dtype (bf16, or TF32 for float32 on GPUs) or given with ``--peak_tflops``;
 it is null where unknown (CPU). ``tokens_per_s`` counts input tokens (N x L per step), the
@@ -110,6 +116,9 @@ def main(argv=None):
   parser.add_argument("--num_layers", type=int, default=None,
                       help="override num_hidden_layers (smoke tests, per-layer scaling)")
   parser.add_argument("--objectives", default="block_diffusion,autoregressive")
+  parser.add_argument("--attention_impls", default=None,
+                      help="comma-separated attention implementations to time each objective "
+                           "with (default: the config's attention_impl)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per objective")
   parser.add_argument("--rounds", type=int, default=1,
                       help="time the objectives this many times, alternating; ratios of medians")
@@ -125,6 +134,15 @@ def main(argv=None):
     parser.error(f"--objectives {args.objectives!r} names one twice; use --rounds to repeat")
   if args.rounds < 1:
     parser.error(f"--rounds must be >= 1, got {args.rounds}")
+  from fdllm_jax.attention import IMPLEMENTATIONS, default_implementation
+  impls = args.attention_impls.split(",") if args.attention_impls else [None]
+  for impl in impls:
+    if impl is not None and impl not in IMPLEMENTATIONS:
+      parser.error(f"--attention_impls: {impl!r} is unknown; use names from {IMPLEMENTATIONS}")
+  if len(set(impls)) != len(impls):
+    parser.error(f"--attention_impls {args.attention_impls!r} names one twice")
+  runs_list = [(objective, impl) for objective in objectives for impl in impls]
+  run_name = lambda objective, impl: objective if impl is None else f"{objective}@{impl}"
 
   import dataclasses
   import statistics
@@ -163,11 +181,12 @@ def main(argv=None):
   ids = rng.integers(0, model_config.vocab_size - 1, shape).astype(np.int32)
   labels = ids.copy()
   labels[:, : base.seq_len // 4] = -100  # a prompt quarter without loss
-  runs = {objective: [] for objective in objectives}
-  for objective in objectives * args.rounds:
+  runs = {run_name(*run): [] for run in runs_list}
+  for objective, impl in runs_list * args.rounds:
     config = dataclasses.replace(
         base, objective=objective.removesuffix("_shared"), export=False,
-        share_clean_stream=objective == "block_diffusion_shared")
+        share_clean_stream=objective == "block_diffusion_shared",
+        attention_impl=impl if impl is not None else base.attention_impl)
     program = trainer_lib.TrainProgram(config, model_config, mesh,
                                        mask_id=model_config.vocab_size - 1)
     rows = sharding.process_rows(program.batch_sharding, shape)
@@ -192,20 +211,21 @@ def main(argv=None):
         "num_devices": len(devices), "mesh": dict(mesh.shape), "params": model_config.num_params,
         "global_batch_size": shape[0], "seq_len": shape[1],
         "grad_accum_steps": config.grad_accum_steps, "compute_dtype": config.compute_dtype,
-        "remat": config.remat, "step_s": step_s, "tokens_per_s": shape[0] * shape[1] / step_s,
+        "remat": config.remat, "attention_impl": config.attention_impl or default_implementation(),
+        "step_s": step_s, "tokens_per_s": shape[0] * shape[1] / step_s,
         "model_tflops_per_step": flops / 1e12,
         "model_tflops_per_s_per_device": flops / step_s / len(devices) / 1e12,
         "mfu": flops / step_s / (len(devices) * peak) if peak else None,
         "warmup_s": warmup_s, "loss": float(metrics["loss"]),
     }
-    runs[objective].append(record)
+    runs[run_name(objective, impl)].append(record)
     print(json.dumps(record), flush=True)
     del params, opt_state, state, batch
   median_step_s = {name: statistics.median(r["step_s"] for r in records)
                    for name, records in runs.items()}
-  first = objectives[0]
-  for other in objectives[1:]:
-    # tokens per step are the same for every objective, so tokens/s is the inverse ratio
+  first, *others = runs
+  for other in others:
+    # tokens per step are the same for every run, so tokens/s is the inverse ratio
     print(json.dumps({"benchmark": "train_speed", "ratio": f"{first}/{other}",
                       "rounds": args.rounds,
                       "tokens_per_s": median_step_s[other] / median_step_s[first],

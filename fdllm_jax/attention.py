@@ -10,6 +10,11 @@ Hugging Face eager path does).
 
 The other implementations and what they cover (``route(...)`` says which path a call takes):
 
+* ``"xla_blocks"`` (the default on CPU): plain jnp like ``"xla"``, but a ``Training`` mask with
+  T == S == ``mask.total_len`` and no cache (as for the block kernels below) is computed block
+  by block (``xla_training_attention``): each query against its own block and the clean
+  stream, never the dense [T, S] scores, of which the mask shows at most a quarter. Other masks
+  run the xla reference itself (no warning: it is this implementation's definition).
 * ``"pallas"``: the fused kernels of ``pallas_kernels``.
   - ``block_attention`` for ``Causal``, ``BlockCausal`` and ``Training`` masks without a cache:
     ``q_offset_B`` None (or a concrete all-zero array) and ``kv_lengths_B`` None; ``Training``
@@ -69,8 +74,8 @@ import numpy as np
 from fdllm_jax import masks as masks_lib
 from fdllm_jax import sharding
 
-Implementation = Literal["xla", "pallas", "triton", "mosaic", "cudnn", "splash"]
-IMPLEMENTATIONS = ("xla", "pallas", "triton", "mosaic", "cudnn", "splash")
+Implementation = Literal["xla", "xla_blocks", "pallas", "triton", "mosaic", "cudnn", "splash"]
+IMPLEMENTATIONS = ("xla", "xla_blocks", "pallas", "triton", "mosaic", "cudnn", "splash")
 
 # Finite, so a query with no visible key yields a uniform average instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -79,7 +84,10 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def default_implementation() -> str:
   """The implementation used when none is named: the reference until a kernel is faster.
 
-  CPU: "xla" (kernels only run interpreted there). GPU: "pallas", measured faster than xla
+  CPU: "xla_blocks" (kernels only run interpreted there): the xla reference, with the
+  training mask block by block (the demo's stage-2 step 1.2x faster on 2 cores, with the
+  attention forward + backward 1.7x; ``benchmarks/train_speed.py``). GPU: "pallas", measured
+  faster than xla
   and cudnn on every shape of ``benchmarks/gpu_attention.py`` on an H200 (training mask
   5-15x xla, 1.6-4x cudnn; decode windows 1.4-2.9x xla); float32 inputs still take "xla"
   by default, since Pallas GPU dots run in TF32. TPU: "splash" (``fdllm_jax.splash``).
@@ -89,7 +97,7 @@ def default_implementation() -> str:
     return "splash"
   if backend == "gpu":
     return "pallas"
-  return "xla"
+  return "xla_blocks"
 
 
 def visibility(mask, num_queries: int, num_keys: int, q_offset_B=None, kv_lengths_B=None):
@@ -145,6 +153,55 @@ def xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask, q_offset_B=None,
   return out.reshape(batch, num_q, num_heads, head_dim).astype(q_BxTxHxD.dtype)
 
 
+def xla_training_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask: masks_lib.Training,
+                           sm_scale=None):
+  """``xla_attention`` under a ``Training`` mask over all its indices, block by block.
+
+  Under that mask a query of any stream, block j, sees exactly two groups of keys: its own
+  block (bidirectional) and the clean stream's blocks before j. So the scores come in two
+  pieces, [T, block] against the own block and [T, L] against the clean stream (blocks
+  before j visible), with one softmax across both: (block + L) / total_len of the dense
+  entries (42% for x_t^A ++ x_t^B ++ x_0 at L = 4 blocks), the same precision rules as the
+  reference (float32 scores, probabilities cast to the value dtype).
+  """
+  batch, num_q, num_heads, head_dim = q_BxTxHxD.shape
+  num_kv_heads = k_BxSxKxD.shape[2]
+  group = num_heads // num_kv_heads
+  seq_len, block = mask.seq_len, mask.block_size
+  if num_q != mask.total_len or k_BxSxKxD.shape[1] != mask.total_len:
+    raise ValueError(f"xla_training_attention needs T == S == mask.total_len="
+                     f"{mask.total_len}; got T={num_q}, S={k_BxSxKxD.shape[1]}")
+  scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+  num_blocks = num_q // block  # over all streams
+  clean_start = mask.num_noisy_streams * seq_len
+  k_clean, v_clean = k_BxSxKxD[:, clean_start:], v_BxSxKxD[:, clean_start:]
+  q_BxTxKxGxD = q_BxTxHxD.reshape(batch, num_q, num_kv_heads, group, head_dim)
+  prefix = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_clean,
+                      preferred_element_type=jnp.float32) * scale
+  q_block_T = (jnp.arange(num_q) % seq_len) // block
+  earlier_TxL = jnp.arange(seq_len)[None, :] // block < q_block_T[:, None]
+  prefix = jnp.where(earlier_TxL, prefix, _MASK_VALUE)
+  q_blocks = q_BxTxHxD.reshape(batch, num_blocks, block, num_kv_heads, group, head_dim)
+  k_blocks = k_BxSxKxD.reshape(batch, num_blocks, block, num_kv_heads, head_dim)
+  v_blocks = v_BxSxKxD.reshape(batch, num_blocks, block, num_kv_heads, head_dim)
+  own = jnp.einsum("bjtkgd,bjskd->bkgjts", q_blocks, k_blocks,
+                   preferred_element_type=jnp.float32) * scale
+  own = own.reshape(batch, num_kv_heads, group, num_q, block)
+  # One softmax over both pieces; the max only stabilises exp, so it carries no gradient.
+  row_max = jax.lax.stop_gradient(jnp.maximum(prefix.max(-1, keepdims=True),
+                                              own.max(-1, keepdims=True)))
+  prefix, own = jnp.exp(prefix - row_max), jnp.exp(own - row_max)
+  total = prefix.sum(-1, keepdims=True) + own.sum(-1, keepdims=True)
+  prefix = (prefix / total).astype(v_BxSxKxD.dtype)
+  own = (own / total).astype(v_BxSxKxD.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", prefix, v_clean, preferred_element_type=jnp.float32)
+  own = own.reshape(batch, num_kv_heads, group, num_blocks, block, block)
+  out_own = jnp.einsum("bkgjts,bjskd->bjtkgd", own, v_blocks,
+                       preferred_element_type=jnp.float32)
+  out = out + out_own.reshape(batch, num_q, num_kv_heads, group, head_dim)
+  return out.reshape(batch, num_q, num_heads, head_dim).astype(q_BxTxHxD.dtype)
+
+
 def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_offset_B=None,
               kv_lengths_B=None, sm_scale=None, implementation: str | None = None,
               interpret: bool | None = None):
@@ -157,9 +214,9 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
     q_offset_B: int32[B], index of each row's first query in the key sequence (default 0).
     kv_lengths_B: int32[B], number of valid keys per row (default all S).
     sm_scale: softmax scale (default 1/sqrt(D)).
-    implementation: "xla" (reference), "pallas", "triton", "mosaic", "cudnn" or "splash"
-      (TPU); None picks the default for the backend. Combinations without a kernel run the
-      xla reference (module docstring).
+    implementation: "xla" (reference), "xla_blocks", "pallas", "triton", "mosaic", "cudnn" or
+      "splash" (TPU); None picks the default for the backend. Combinations without a kernel
+      run the xla reference (module docstring).
     interpret: Pallas interpreter on/off; None: on when the default backend is not a GPU
       (for "splash": not a TPU).
   """
@@ -182,6 +239,9 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, mask=masks_lib.Causal(), q_off
   if chosen.fallback and requested:  # a default that falls back is expected, not news
     warnings.warn(f"attention: implementation={implementation!r} has no kernel for "
                   f"{chosen.reason}; running the xla reference instead", stacklevel=2)
+  if chosen.path == "xla_training":
+    return xla_training_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask,
+                                  sm_scale=sm_scale)
   if chosen.path == "xla":
     return xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, q_offset_B=q_offset_B,
                          kv_lengths_B=kv_lengths_B, sm_scale=sm_scale)
@@ -220,8 +280,9 @@ def _run_kernel(chosen, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_offset_B, kv_lengths_
 class Route:
   """Which code path ``attention`` takes for a call (``route`` computes it from static data).
 
-  path: "xla", "block" (pallas block_attention), "mosaic_block", "window" (pallas
-  window_attention), "triton_window", "mosaic_window", "cudnn" or "splash"; kind/block_size:
+  path: "xla", "xla_training" (``xla_training_attention``), "block" (pallas block_attention),
+  "mosaic_block", "window" (pallas window_attention), "triton_window", "mosaic_window",
+  "cudnn" or "splash"; kind/block_size:
   block_attention's arguments; fallback: the requested implementation had no kernel and the
   xla reference runs (reason says why).
   """
@@ -240,6 +301,12 @@ def route(implementation: str, mask, q_BxTxHxD, k_BxSxKxD, *, q_offset_B=None,
           kv_lengths_B=None) -> Route:
   """The path ``attention(..., implementation=...)`` takes; see the module docstring."""
   if implementation == "xla":
+    return Route("xla")
+  if implementation == "xla_blocks":
+    block = _block_kind(mask, q_BxTxHxD.shape[1], k_BxSxKxD.shape[1])
+    if (block is not None and block[0].startswith("training") and kv_lengths_B is None
+        and _is_zero_offset(q_offset_B)):
+      return Route("xla_training", kind=block[0], block_size=block[1])
     return Route("xla")
   if implementation == "splash":
     return Route("splash")

@@ -32,8 +32,8 @@ def _qkv(seed, batch, t, s, hq, hkv, d, dtype=jnp.float32):
           jax.random.normal(kv, (batch, s, hkv, d), jnp.float32).astype(dtype))
 
 
-def test_default_implementation_is_xla_on_cpu():
-  assert attn.default_implementation() == "xla"
+def test_default_implementation_is_xla_blocks_on_cpu():
+  assert attn.default_implementation() == "xla_blocks"
 
 
 def test_routes():
@@ -55,6 +55,16 @@ def test_routes():
   assert attn.route("triton", masks.Causal(), q, k).path == "block"
   assert attn.route("cudnn", masks.Training(4, 8), q, k).path == "cudnn"
   assert attn.route("xla", masks.Causal(), q, k) == attn.Route("xla")
+  assert attn.route("xla", masks.Training(4, 8), q, k) == attn.Route("xla")
+  assert attn.route("xla_blocks", masks.Training(4, 8), q, k) == attn.Route(
+      "xla_training", kind="training", block_size=4)
+  assert attn.route("xla_blocks", masks.Training(4, 8, 2), shared_q, shared_k) == attn.Route(
+      "xla_training", kind="training_shared", block_size=4)
+  # Everything else is the xla reference itself, not a fallback.
+  for mask, kwargs in [(masks.Causal(), {}), (masks.Training(4, 4), {}),
+                       (masks.Training(4, 8), dict(kv_lengths_B=lengths)),
+                       (masks.Full(), dict(kv_lengths_B=lengths))]:
+    assert attn.route("xla_blocks", mask, q, k, **kwargs) == attn.Route("xla"), mask
   assert attn.route("splash", masks.Training(4, 8), q, k) == attn.Route("splash")  # TPU path
   # No kernel: explicit fallbacks.
   for mask, kwargs in [(masks.BlockCausal(4), dict(kv_lengths_B=lengths)),
@@ -101,6 +111,51 @@ def test_block_masks_match_xla(implementation, mask, t, s, hq, hkv):
     out = attn.attention(q, k, v, mask=mask, implementation=implementation)
   assert out.shape == ref.shape and out.dtype == ref.dtype
   assert _rel(out, ref) <= (F32_TOL if dtype == jnp.float32 else 1e-2)
+
+
+TRAINING_CASES = [  # (mask, query heads, kv heads)
+    (masks.Training(8, 24), 7, 1),
+    (masks.Training(8, 16, num_noisy_streams=2), 4, 2),
+    (masks.Training(16, 16, num_noisy_streams=2), 4, 4),   # one block per stream
+    (masks.Training(4, 32, num_noisy_streams=2), 6, 2),    # eight blocks per stream
+]
+
+
+@pytest.mark.parametrize("mask,hq,hkv", TRAINING_CASES)
+def test_xla_blocks_training_mask_matches_xla_with_gradients(mask, hq, hkv):
+  t = mask.total_len
+  q, k, v = _qkv(t + hq, 2, t, t, hq, hkv, 16)
+  cot = jax.random.normal(jax.random.PRNGKey(hq), q.shape)
+
+  def loss(implementation):
+    return lambda q, k, v: jnp.sum(cot * attn.attention(
+        q, k, v, mask=mask, sm_scale=0.3, implementation=implementation))
+
+  assert attn.route("xla_blocks", mask, q, k).path == "xla_training"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    out = attn.attention(q, k, v, mask=mask, sm_scale=0.3, implementation="xla_blocks")
+  ref = attn.attention(q, k, v, mask=mask, sm_scale=0.3, implementation="xla")
+  assert out.shape == ref.shape and out.dtype == ref.dtype
+  assert _rel(out, ref) <= 1e-6
+  got = jax.grad(loss("xla_blocks"), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    assert _rel(g, w) <= 1e-5
+
+
+def test_xla_blocks_training_mask_in_bfloat16_matches_xla():
+  mask = masks.Training(8, 32, num_noisy_streams=2)
+  q, k, v = _qkv(21, 2, 96, 96, 4, 2, 32, jnp.bfloat16)
+  out = attn.attention(q, k, v, mask=mask, implementation="xla_blocks")
+  ref = attn.attention(q, k, v, mask=mask, implementation="xla")
+  assert out.dtype == jnp.bfloat16 and _rel(out, ref) <= 1e-2
+
+
+def test_xla_training_attention_refuses_a_partial_span():
+  q, k, v = _qkv(0, 1, 16, 16, 2, 2, 16)
+  with pytest.raises(ValueError, match="T == S == mask.total_len=24; got T=16, S=16"):
+    attn.xla_training_attention(q, k, v, mask=masks.Training(4, 8, num_noisy_streams=2))
 
 
 @pytest.mark.parametrize("implementation", ["pallas", "cudnn"])

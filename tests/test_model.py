@@ -111,3 +111,26 @@ def test_remat_gives_same_gradients(tiny_qwen_dir):
   rematted = nnx.grad(loss)(model)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_dense_is_nnx_linear_on_flattened_tokens():
+  """``model.Dense`` keeps nnx.Linear's parameters and result; only the matmul's shape changes."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from fdllm_jax import model as model_lib
+  dense = model_lib.Dense(6, 5, use_bias=True, rngs=nnx.Rngs(0))
+  linear = nnx.Linear(6, 5, use_bias=True, rngs=nnx.Rngs(0))
+  assert set(nnx.state(dense, nnx.Param)) == {"kernel", "bias"}
+  nnx.update(linear, nnx.state(dense))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4, 6))
+  got, want = dense(x), linear(x)
+  assert got.shape == (2, 3, 4, 5)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dense(x[0, 0, 0])), np.asarray(want[0, 0, 0]),
+                             rtol=1e-6, atol=1e-6)
+  grads = jax.grad(lambda m: jnp.sum(jnp.sin(m(x))))
+  for g, w in zip(jax.tree.leaves(nnx.state(grads(dense))),
+                  jax.tree.leaves(nnx.state(grads(linear)))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)

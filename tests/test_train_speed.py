@@ -54,8 +54,25 @@ def test_rounds_alternate_and_ratio_uses_medians(capsys):
   assert ratio["tokens_per_s"] == pytest.approx(1 / ratio["step_s"])
 
 
+def test_attention_impls_time_each_objective_with_each(capsys):
+  train_speed.main(_ARGS + ["--objectives", "block_diffusion_shared",
+                            "--attention_impls", "xla_blocks,xla"])
+  blocks, dense, ratio = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert (blocks["attention_impl"], dense["attention_impl"]) == ("xla_blocks", "xla")
+  assert blocks["loss"] == pytest.approx(dense["loss"], rel=1e-5)  # same loss, less work
+  assert ratio["ratio"] == "block_diffusion_shared@xla_blocks/block_diffusion_shared@xla"
+
+
+def test_records_name_the_default_attention_implementation(capsys):
+  train_speed.main(_ARGS + ["--objectives", "autoregressive"])
+  record, = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert record["attention_impl"] == "xla_blocks"  # CPU's default
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--objectives", "block_diffusion,block_diffusion"], "names one twice"),
+    (["--attention_impls", "xla,xla"], "names one twice"),
+    (["--attention_impls", "flash"], "'flash' is unknown"),
     (["--rounds", "0"], "--rounds must be >= 1, got 0")])
 def test_bad_repeats_are_errors(capsys, flags, message):
   with pytest.raises(SystemExit):
