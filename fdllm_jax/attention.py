@@ -85,8 +85,8 @@ def default_implementation() -> str:
   """The implementation used when none is named: the reference until a kernel is faster.
 
   CPU: "xla_blocks" (kernels only run interpreted there): the xla reference, with the
-  training mask block by block (the demo's stage-2 step 1.2x faster on 2 cores, with the
-  attention forward + backward 1.7x; ``benchmarks/train_speed.py``). GPU: "pallas", measured
+  training mask block by block (the demo's stage-2 step 1.20x faster on 2 cores;
+  ``benchmarks/train_speed.py --attention_impls xla_blocks,xla``). GPU: "pallas", measured
   faster than xla
   and cudnn on every shape of ``benchmarks/gpu_attention.py`` on an H200 (training mask
   5-15x xla, 1.6-4x cudnn; decode windows 1.4-2.9x xla); float32 inputs still take "xla"
