@@ -32,9 +32,10 @@ class Dense(nnx.Linear):
   """``nnx.Linear`` (same parameters) applied to the tokens flattened to one matrix.
 
   A [B, T, D] input contracts as one [B*T, D] matmul either way, but XLA:CPU lays out the
-  backward of the 3-D form with transposing copies: the SwiGLU MLP of the demo model ran
-  1.7x faster forward + backward on 2 cores flattened (benchmarks/train_speed.py measures the
-  whole step). The reshapes are free on every backend.
+  backward of the 3-D form with transposing copies (a quarter of the demo's stage-2 step in a
+  profile). Flattened, that step took 1.9 s instead of 2.44 s on 2 cores, the AR step 0.38 s
+  instead of 0.48 s (``benchmarks/train_speed.py`` before and after, separate processes).
+  The reshapes are free on every backend.
   """
 
   def __call__(self, x):
