@@ -103,7 +103,8 @@ def classify(generated: str, solution: str) -> tuple[str, int] | None:
 
 
 def summarize(records, num_examples: int) -> dict:
-  """``records``: (kind or None, line index, generated, solution) per wrong answer."""
+  """``records``: (kind, index of the first line that differs, generated, solution) per wrong
+  answer."""
   counts = collections.Counter(kind for kind, *_ in records)
   examples = collections.defaultdict(list)
   for kind, line, generated, solution in records:
