@@ -114,9 +114,7 @@ def main(argv=None) -> dict:
   config = DecodeConfig(block_size=block, sub_block_size=args.sub_block_size,
                         threshold=args.threshold, max_new_tokens=256, mask_id=tokenizer.mask_id,
                         stop_ids=(stop_id,), use_dual_cache=args.dual_cache)
-  problems = task.generate("test", args.num_problems, args.seed)
-  prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}])
-             for p in problems]
+  problems, prompts = task.held_out_prompts(tokenizer, args.num_problems, args.seed)
   ranked, kinds, correct, tokens, row_forwards = [], {}, 0, 0, 0
   for start in range(0, len(prompts), args.batch_size):
     batch = prompts[start:start + args.batch_size]

@@ -13,12 +13,19 @@ before it (teacher forcing), in the two settings a model meets:
 - ``prefix``: the block-causal mask over the text before i only (no MASK token anywhere): what
   bidirectional attention among the block's clean tokens alone costs;
 - ``infill``: the block-causal mask with only token i MASK, the rest of the text clean (the
-  whole block visible, the answer's later copies included).
+  whole block visible, the answer's later copies included);
+- ``ahead``: as ``block`` but MASK from i-1 on, so token i is predicted at a MASK position
+  without the token before it: the situation of a token that threshold decoding commits in the
+  same forward as its left neighbour. Only tokens whose left neighbour is an answer token of
+  the same block.
 
 Tokens are counted by kind: ``digit`` (a token of an answer's numbers, the arithmetic: one
 digit, or a whole number with the bundled tokenizer), ``block_start`` (the first token of a
-block, predicted from the previous block) and ``other``. Each wrong prediction records the
-probability the model gave the right token. Session 3 used this to show that the adapted model
+block, predicted from the previous block), ``line_start`` (the first token of a line: after a
+newline, where the answer goes on with a step or ends) and ``other``. Each wrong prediction
+records the probability the model gave the right token; ``confident`` counts the wrong
+predictions whose top probability exceeds ``--threshold`` (0.9): those that threshold decoding
+would commit at once. Session 3 used this to show that the adapted model
 keeps about the in-block arithmetic its AR base already had under the block-causal mask
 (docs/demo_history.md, "Sessions 2 to 4").
 
@@ -37,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-SETTINGS = ("causal", "block", "prefix", "infill")
+SETTINGS = ("causal", "block", "prefix", "infill", "ahead")
 
 
 def parse_args(argv=None):
@@ -49,6 +56,8 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0, help="seed of the test split's problems")
   p.add_argument("--block_size", type=int, default=32)
   p.add_argument("--examples", type=int, default=5, help="wrong predictions kept per setting")
+  p.add_argument("--threshold", type=float, default=0.9,
+                 help="a wrong prediction above this top probability counts as confident")
   p.add_argument("--out", default=None, help="also write the JSON report here")
   args = p.parse_args(argv)
   args.model = args.model or [demo.AR_BASE_DIR, demo.FAST_DLLM_DIR]
@@ -56,12 +65,16 @@ def parse_args(argv=None):
     p.error(f"--num_problems must be at least 1; got {args.num_problems}")
   if args.block_size < 1:
     p.error(f"--block_size must be at least 1; got {args.block_size}")
+  if not 0.0 <= args.threshold <= 1.0:
+    p.error(f"--threshold must be in [0, 1]; got {args.threshold}")
   return args
 
 
-def token_kind(piece: str, position: int, block_size: int) -> str:
+def token_kind(piece: str, position: int, block_size: int, previous_piece: str = "") -> str:
   if position % block_size == 0:
     return "block_start"
+  if previous_piece.endswith("\n"):
+    return "line_start"
   return "digit" if piece.strip().isdigit() else "other"
 
 
@@ -77,6 +90,13 @@ def block_inputs(ids: np.ndarray, labels: np.ndarray, targets: np.ndarray, block
     hide = labels[i:end] != -100
     rows[row, i:end] = np.where(hide, mask_id, rows[row, i:end])
   return rows
+
+
+def ahead_targets(labels: np.ndarray, targets: np.ndarray, block_size: int) -> np.ndarray:
+  """The targets i whose left neighbour i-1 is an answer token of the same block."""
+  targets = np.asarray(targets)
+  keep = (targets % block_size != 0) & (labels[targets - 1] != -100)
+  return targets[keep]
 
 
 def prefix_allowed(targets: np.ndarray, seq_len: int, block_size: int) -> np.ndarray:
@@ -104,7 +124,8 @@ def _explicit_mask_logits():
   return logits
 
 
-def probe_model(path: str, problems, *, block_size: int, num_examples: int) -> dict:
+def probe_model(path: str, problems, *, block_size: int, num_examples: int,
+                threshold: float = 0.9) -> dict:
   """The report of one checkpoint: per setting and kind, wrong / total, and a few examples."""
   from fdllm_jax import compute_logits, load_model, load_tokenizer
   from fdllm_jax.training.data import encode_chat, pad_to_block
@@ -112,6 +133,7 @@ def probe_model(path: str, problems, *, block_size: int, num_examples: int) -> d
   explicit_logits = _explicit_mask_logits()
   counts = {s: collections.Counter() for s in SETTINGS}
   wrong = {s: collections.Counter() for s in SETTINGS}
+  confident = {s: collections.Counter() for s in SETTINGS}
   examples = {s: [] for s in SETTINGS}
   for problem in problems:
     ids, labels = encode_chat(tokenizer, problem.to_chat()["messages"])
@@ -127,25 +149,35 @@ def probe_model(path: str, problems, *, block_size: int, num_examples: int) -> d
         prefix_allowed(targets, len(ids), block_size)))
     infill = np.asarray(compute_logits(model, infill_inputs(ids, targets, tokenizer.mask_id),
                                        attention="block_causal", block_size=block_size))
+    ahead = ahead_targets(labels, targets, block_size)
+    ahead_logits = {} if not len(ahead) else dict(zip(ahead.tolist(), np.asarray(compute_logits(
+        model, block_inputs(ids, labels, ahead - 1, block_size, tokenizer.mask_id),
+        attention="block_causal", block_size=block_size))[np.arange(len(ahead)), ahead - 1]))
     for row, i in enumerate(targets):
       piece = tokenizer.decode([int(ids[i])])
-      kind = token_kind(piece, int(i), block_size)
-      for setting, logits in (("causal", causal[i - 1]), ("block", block[row, i - 1]),
-                              ("prefix", prefix[row, i - 1]), ("infill", infill[row, i - 1])):
+      kind = token_kind(piece, int(i), block_size, tokenizer.decode([int(ids[i - 1])]))
+      settings = [("causal", causal[i - 1]), ("block", block[row, i - 1]),
+                  ("prefix", prefix[row, i - 1]), ("infill", infill[row, i - 1])]
+      if int(i) in ahead_logits:
+        settings.append(("ahead", ahead_logits[int(i)]))
+      for setting, logits in settings:
         counts[setting][kind] += 1
         if int(np.argmax(logits)) == int(ids[i]):
           continue
         wrong[setting][kind] += 1
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        confident[setting][kind] += bool(probs.max() > threshold)
         if len(examples[setting]) < num_examples:
-          probs = np.exp(logits - logits.max())
-          probs /= probs.sum()
           examples[setting].append({
               "context": tokenizer.decode([int(t) for t in ids[max(0, i - 10):i]]),
               "want": piece, "got": tokenizer.decode([int(np.argmax(logits))]),
-              "p_want": round(float(probs[ids[i]]), 3), "block_position": int(i % block_size)})
+              "p_want": round(float(probs[ids[i]]), 3), "p_got": round(float(probs.max()), 3),
+              "block_position": int(i % block_size)})
   return {"model": path, "num_problems": len(problems), "block_size": block_size,
-          **{s: {"wrong": dict(wrong[s]), "total": dict(counts[s]),
-                 "examples": examples[s]} for s in SETTINGS}}
+          "threshold": threshold,
+          **{s: {"wrong": dict(wrong[s]), "confident": dict(confident[s]),
+                 "total": dict(counts[s]), "examples": examples[s]} for s in SETTINGS}}
 
 
 def main(argv=None) -> list[dict]:
@@ -153,7 +185,8 @@ def main(argv=None) -> list[dict]:
   from fdllm_jax.demo import task
   problems = task.generate("test", args.num_problems, args.seed)
   reports = [probe_model(path, problems, block_size=args.block_size,
-                         num_examples=args.examples) for path in args.model]
+                         num_examples=args.examples, threshold=args.threshold)
+             for path in args.model]
   text = json.dumps(reports, indent=1)
   print(text)
   if args.out:

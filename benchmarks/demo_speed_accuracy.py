@@ -131,9 +131,7 @@ def main(argv=None) -> dict:
   tokenizer = load_tokenizer(args.adapted)
   stop_id = tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
   block = adapted.config.bd_size or 32
-  problems = task.generate("test", args.num_problems, args.seed)
-  prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}])
-             for p in problems]
+  problems, prompts = task.held_out_prompts(tokenizer, args.num_problems, args.seed)
 
   def ar_method(batch, rows=None):
     return generate_ar(ar_model, batch, max_new_tokens=args.max_new_tokens, stop_ids=(stop_id,),

@@ -157,3 +157,13 @@ def test_tokenizer_whole_numbers(tmp_path):
   assert any(len(p) == 2 for p in numbers), numbers
   with pytest.raises(ValueError, match="numbers must be one of"):
     tokenizer_train.train_tokenizer(["1 2"], numbers="roman")
+
+
+def test_held_out_prompts_are_the_test_split_as_user_turns():
+  from fdllm_jax import demo, load_tokenizer
+  tokenizer = load_tokenizer(demo.FAST_DLLM_DIR)
+  problems, prompts = task.held_out_prompts(tokenizer, 3, seed=1)
+  assert problems == task.generate("test", 3, 1)
+  for problem, prompt in zip(problems, prompts, strict=True):
+    text = tokenizer.decode(prompt)
+    assert text == f"<|im_start|>user\n{problem.question}<|im_end|>\n<|im_start|>assistant\n"

@@ -250,10 +250,12 @@ def test_complementary_views_partition_the_labels():
   np.testing.assert_array_equal(view_labels[4:], np.where(masked_b, labels, IGNORE))
 
 
-def _per_example_reference(model, ids, labels, view_a, block_size, view_b=None):
+def _per_example_reference(model, ids, labels, view_a, block_size, view_b=None,
+                           masked_input_weight=1.0):
   """Loops over rows and views, each a [1, 2L] forward under an explicit spec mask.
 
-  View B: ``view_b`` where given, else the complement of view A."""
+  View B: ``view_b`` where given, else the complement of view A. A target whose left input
+  is MASK counts ``masked_input_weight`` times."""
   view_b = ~view_a if view_b is None else view_b
   seq_len = ids.shape[1]
   allowed = masks.Explicit(jnp.asarray(_spec_mask(block_size, seq_len)))
@@ -269,7 +271,9 @@ def _per_example_reference(model, ids, labels, view_a, block_size, view_b=None):
       for j in range(1, seq_len):
         if masked[j]:
           row = logits[j - 1]
-          total += np.log(np.exp(row - row.max()).sum()) + row.max() - row[labels[n, j]]
+          weight = masked_input_weight if x_t[j - 1] == MASK_ID else 1.0
+          total += weight * (np.log(np.exp(row - row.max()).sum()) + row.max()
+                             - row[labels[n, j]])
     count += int((labels[n, 1:] != IGNORE).sum())
   return total / count
 
@@ -279,7 +283,9 @@ def tiny_model(tiny_qwen_dir):
   return load_model(tiny_qwen_dir)
 
 
-_bd_loss = nnx.jit(objective.block_diffusion_loss, static_argnames=("block_size", "mask_id"))
+_bd_loss = nnx.jit(objective.block_diffusion_loss,
+                   static_argnames=("block_size", "mask_id", "share_clean_stream",
+                                    "masked_input_weight"))
 _ar_loss = nnx.jit(objective.autoregressive_loss)
 
 
@@ -292,6 +298,38 @@ def test_loss_equals_per_example_computation(tiny_model):
   want = _per_example_reference(tiny_model, ids, labels, view_a, 4)
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   assert float(metrics["num_label_tokens"]) == (labels[:, 1:] != IGNORE).sum()
+
+
+def test_masked_input_weights_match_a_loop():
+  noisy = np.random.default_rng(0).integers(0, 4, (3, 11)).astype(np.int32)  # MASK id 3
+  got = np.asarray(objective.masked_input_weights(jnp.asarray(noisy), 3, 2.5))
+  want = np.ones(noisy.shape, np.float32)
+  for n in range(noisy.shape[0]):
+    for j in range(1, noisy.shape[1]):
+      if noisy[n, j - 1] == 3:
+        want[n, j] = 2.5
+  np.testing.assert_array_equal(got, want)
+  assert (want == 2.5).any() and (want[:, 1:] == 1.0).any()
+
+
+@pytest.mark.parametrize("share_clean_stream", [False, True])
+def test_masked_input_weight_scales_predictions_made_at_a_mask(tiny_model, share_clean_stream):
+  ids, labels = _batch(4, rows=3, seq_len=16)
+  view_a = np.asarray(objective.sample_block_masks(jax.random.key(9), jnp.asarray(labels), 4))
+  loss, metrics = _bd_loss(
+      tiny_model, jnp.asarray(ids), jnp.asarray(labels), jnp.asarray(view_a), block_size=4,
+      mask_id=MASK_ID, share_clean_stream=share_clean_stream, masked_input_weight=3.0)
+  want = _per_example_reference(tiny_model, ids, labels, view_a, 4, masked_input_weight=3.0)
+  plain = _per_example_reference(tiny_model, ids, labels, view_a, 4)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert want > plain * 1.2  # the weight reaches a real share of the terms
+  assert float(metrics["num_label_tokens"]) == (labels[:, 1:] != IGNORE).sum()  # not weighted
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "2"])
+def test_masked_input_weight_errors_name_the_value(bad):
+  with pytest.raises(ValueError, match=r"masked_input_weight=.* must be a finite number > 0"):
+    objective.check_masked_input_weight(bad)
 
 
 def test_loss_with_an_independent_view_b(tiny_model):
@@ -390,18 +428,21 @@ def test_no_labels_gives_zero_loss_not_nan(tiny_model):
 
 def _loss_and_grads(model, ids, labels, view_a, chunk, objective_name, block_size=8):
   graphdef, state = nnx.split(model)
+  # "weighted": block diffusion with a masked-input weight, whose weights are chunked too
+  weight = 2.5 if objective_name == "weighted" else 1.0
 
   def loss_fn(state):
     m = nnx.merge(graphdef, state)
-    if objective_name == "block_diffusion":
+    if objective_name in ("block_diffusion", "weighted"):
       return objective.block_diffusion_loss(m, ids, labels, view_a, block_size=block_size,
-                                            mask_id=63, loss_chunk_size=chunk)[0]
+                                            mask_id=63, loss_chunk_size=chunk,
+                                            masked_input_weight=weight)[0]
     return objective.autoregressive_loss(m, ids, labels, loss_chunk_size=chunk)[0]
 
   return jax.jit(jax.value_and_grad(loss_fn))(state)
 
 
-@pytest.mark.parametrize("objective_name", ["block_diffusion", "autoregressive"])
+@pytest.mark.parametrize("objective_name", ["block_diffusion", "weighted", "autoregressive"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("chunk", [1, 5, 16])  # 5 does not divide the 31 shifted positions
 def test_chunked_loss_and_gradients_equal_unchunked(objective_name, tied, chunk):

@@ -173,6 +173,25 @@ def test_independent_clipped_views_train_and_accumulate(tmp_path):
   np.testing.assert_allclose(accumulated, active, rtol=1e-5)
 
 
+def test_masked_input_loss_weight_reaches_the_objective():
+  config = _tiny_config(masked_input_loss_weight=2.0)
+  program = trainer_lib.TrainProgram(config, trainer_lib.ModelConfig(
+      vocab_size=64, **config.model), _one_device(), mask_id=63)
+  params = trainer_lib.init_params(program.model_config, dtype=jnp.float32, seed=3)
+  keys = jax.random.split(jax.random.key(8), 3)
+  input_ids = jax.random.randint(keys[0], (4, 32), 0, 63)
+  labels = jnp.where(jax.random.bernoulli(keys[1], 0.7, (4, 32)), input_ids, -100)
+  view_a = jax.random.bernoulli(keys[2], 0.5, (4, 32))
+  unused = jnp.zeros((4, 32), bool)
+  total, _ = program._loss_sums(params, input_ids, labels, view_a, ~view_a, unused, unused)
+  model = trainer_lib.build_model(program.model_config, params, dtype=jnp.float32)
+  sums = {weight: objective_lib.block_diffusion_loss_sums(
+      model, input_ids, labels, view_a, ~view_a, block_size=8, mask_id=63,
+      masked_input_weight=weight)[0] for weight in (1.0, 2.0)}
+  np.testing.assert_allclose(total, sums[2.0], rtol=1e-5)
+  assert float(sums[2.0]) > 1.2 * float(sums[1.0])
+
+
 def test_ar_replay_adds_the_weighted_causal_loss(tmp_path):
   """ar_loss_weight adds w x the causal next-token CE of the clean batch to the objective."""
   config = _tiny_config(ar_loss_weight=0.5)
@@ -374,6 +393,8 @@ def test_progress_off_a_terminal_is_log_lines(tmp_path, monkeypatch, caplog, cap
     ("ar_loss_weight", -0.5, "ar_loss_weight must be a finite number >= 0; got -0.5"),
     ("ar_loss_weight", float("nan"), "ar_loss_weight must be a finite number >= 0; got nan"),
     ("ar_loss_weight", "1", "ar_loss_weight must be a finite number >= 0; got '1'"),
+    ("masked_input_loss_weight", 0.0, r"masked_input_weight=0.0 must be a finite number > 0"),
+    ("masked_input_loss_weight", "2", "masked_input_weight='2' must be a finite number > 0"),
     ("log_every", -1, r"log_every must be an integer >= 0 \(0: every 5% of the steps\); got -1"),
     ("log_every", True, "log_every must be an integer >= 0"),
     # each of these trained silently wrong, or failed deep inside optax / flax
@@ -408,6 +429,9 @@ def test_config_errors(field, value, message):
 def test_ar_replay_needs_the_block_diffusion_objective():
   with pytest.raises(ValueError, match="ar_loss_weight=1.0 needs objective='block_diffusion'"):
     _tiny_config(objective="autoregressive", ar_loss_weight=1.0).validate()
+  with pytest.raises(ValueError,
+                     match="masked_input_loss_weight=2.0 needs objective='block_diffusion'"):
+    _tiny_config(objective="autoregressive", masked_input_loss_weight=2.0).validate()
 
 
 def test_batch_must_divide_over_batch_devices():

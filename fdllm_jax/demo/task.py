@@ -167,6 +167,14 @@ def generate(split: str, num: int, seed: int = 0) -> list[Problem]:
   return [next(stream) for _ in range(num)]
 
 
+def held_out_prompts(tokenizer, num: int, seed: int = 0) -> tuple[list[Problem], list[list[int]]]:
+  """(problems, prompts): ``generate("test", num, seed)`` and each one's user turn as chat
+  prompt ids of ``tokenizer`` (a ``fdllm_jax.Tokenizer``), ready for the decoders."""
+  problems = generate("test", num, seed)
+  return problems, [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}])
+                    for p in problems]
+
+
 def write_jsonl(path: str, problems: Sequence[Problem]) -> None:
   """Chat jsonl: one ``{"messages": [user, assistant], "answer": N}`` per line."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

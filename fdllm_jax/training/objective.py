@@ -45,6 +45,8 @@ the token count of the whole global batch, so accumulation does not re-weight mi
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -199,14 +201,19 @@ def complementary_views(input_ids_NxL, labels_NxL, view_a_mask_NxL, mask_id: int
   return noisy_2NxL, view_labels_2NxL
 
 
-def _cross_entropy_sums(logits_BxTxV, targets_BxT):
-  """(sum of CE where ``targets`` != IGNORE, their count): logit t scores target t."""
+def _cross_entropy_sums(logits_BxTxV, targets_BxT, weights_BxT=None):
+  """(sum of CE where ``targets`` != IGNORE, their count): logit t scores target t.
+
+  ``weights`` (float [B, T]) scale each target's CE in the sum, not in the count.
+  """
   logits = logits_BxTxV.astype(jnp.float32)
   valid = targets_BxT != IGNORE
   log_z = jax.nn.logsumexp(logits, axis=-1)
   safe_targets = jnp.where(valid, targets_BxT, 0)
   target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
   ce = jnp.where(valid, log_z - target_logit, 0.0)
+  if weights_BxT is not None:
+    ce = ce * weights_BxT
   return jnp.sum(ce), jnp.sum(valid).astype(jnp.float32)
 
 
@@ -224,8 +231,11 @@ def check_loss_chunk_size(chunk_size: int | None) -> None:
 
 
 def head_shifted_cross_entropy_sums(logits_fn, hidden_BxTxD, labels_BxT,
-                                    chunk_size: int | None = None):
+                                    chunk_size: int | None = None, weights_BxT=None):
   """``shifted_cross_entropy_sums(logits_fn(hidden), labels)``, ``chunk_size`` positions at a time.
+
+  ``weights`` (float [B, T], aligned with ``labels``: ``weights[:, j]`` scales the CE of the
+  token at ``j``) weight the sum; None: all 1.
 
   With a chunk size, the LM head and the CE run on one chunk of positions after another
   (``lax.scan``) under ``jax.checkpoint``: the backward pass recomputes each chunk's logits, so
@@ -235,27 +245,55 @@ def head_shifted_cross_entropy_sums(logits_fn, hidden_BxTxD, labels_BxT,
   """
   check_loss_chunk_size(chunk_size)
   hidden, targets = hidden_BxTxD[:, :-1], labels_BxT[:, 1:]
+  weights = (jnp.ones(targets.shape, jnp.float32) if weights_BxT is None
+             else weights_BxT[:, 1:].astype(jnp.float32))
   batch, num_positions, width = hidden.shape
   if chunk_size is None or chunk_size >= num_positions:
-    return _cross_entropy_sums(logits_fn(hidden), targets)
+    return _cross_entropy_sums(logits_fn(hidden), targets,
+                               None if weights_BxT is None else weights)
   num_chunks = -(-num_positions // chunk_size)
   pad = num_chunks * chunk_size - num_positions  # padded positions carry IGNORE: no loss
   hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
   targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
-  hidden_CxBxKxD = hidden.reshape(batch, num_chunks, chunk_size, width).transpose(1, 0, 2, 3)
-  targets_CxBxK = targets.reshape(batch, num_chunks, chunk_size).transpose(1, 0, 2)
+  weights = jnp.pad(weights, ((0, 0), (0, pad)))
+
+  def by_chunk(x_BxTx):  # [B, C*K, ...] -> [C, B, K, ...], the scan's leading axis
+    x = x_BxTx.reshape(batch, num_chunks, chunk_size, *x_BxTx.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
 
   @jax.checkpoint
-  def chunk_sums(hidden_BxKxD, targets_BxK):
-    return _cross_entropy_sums(logits_fn(hidden_BxKxD), targets_BxK)
+  def chunk_sums(hidden_BxKxD, targets_BxK, weights_BxK):
+    return _cross_entropy_sums(logits_fn(hidden_BxKxD), targets_BxK, weights_BxK)
 
   def accumulate(totals, chunk):
     ce, count = chunk_sums(*chunk)
     return (totals[0] + ce, totals[1] + count), None
 
   zero = jnp.zeros((), jnp.float32)
-  (ce_sum, count), _ = jax.lax.scan(accumulate, (zero, zero), (hidden_CxBxKxD, targets_CxBxK))
+  (ce_sum, count), _ = jax.lax.scan(accumulate, (zero, zero),
+                                    (by_chunk(hidden), by_chunk(targets), by_chunk(weights)))
   return ce_sum, count
+
+
+def check_masked_input_weight(weight) -> None:
+  """ValueError unless ``weight`` is a finite number > 0."""
+  if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+      or not math.isfinite(weight) or weight <= 0):
+    raise ValueError(f"masked_input_weight={weight!r} must be a finite number > 0 (1: the "
+                     "reference's unweighted loss)")
+
+
+def masked_input_weights(noisy_BxL, mask_id: int, weight: float):
+  """float [B, L]: ``weight`` at ``j`` where the input at ``j - 1`` is MASK, else 1.
+
+  With token shift the token at ``j`` is predicted from position ``j - 1``; where that input is
+  MASK the model decides the token without seeing its left neighbour, which is where parallel
+  decoding commits several tokens in one forward (docs/demo_history.md, "Session 26").
+  Position 0 has no predicting position (its label never counts) and gets 1.
+  """
+  left_is_mask = noisy_BxL[:, :-1] == mask_id
+  shifted = jnp.where(left_is_mask, jnp.float32(weight), jnp.float32(1.0))
+  return jnp.concatenate([jnp.ones_like(shifted[:, :1]), shifted], axis=1)
 
 
 def _noisy_hidden_two_rows(model, noisy_2NxL, input_ids_NxL, *, block_size, attention_impl):
@@ -286,34 +324,42 @@ def block_diffusion_loss_sums(model, input_ids_NxL, labels_NxL, view_a_mask_NxL,
                               view_b_mask_NxL=None, *, block_size: int, mask_id: int,
                               attention_impl: str | None = None,
                               loss_chunk_size: int | None = None,
-                              share_clean_stream: bool = False, loss_masks=None):
+                              share_clean_stream: bool = False, loss_masks=None,
+                              masked_input_weight: float = 1.0):
   """(CE summed over both views, number of label tokens of the original batch).
 
   ``view_b_mask`` None: view B is view A's complement (the reference). ``loss_masks`` (not in
   the reference): per view, the masked tokens that carry loss; None: all of them.
+  ``masked_input_weight`` (not in the reference; 1 is the reference): weight of the CE of
+  predictions made at a MASK (``masked_input_weights``).
   """
   num_rows, seq_len = input_ids_NxL.shape
   check_block_shape(seq_len, block_size)
+  check_masked_input_weight(masked_input_weight)
   noisy_2NxL, view_labels_2NxL = complementary_views(input_ids_NxL, labels_NxL,
                                                      view_a_mask_NxL, mask_id, view_b_mask_NxL,
                                                      loss_masks)
   noisy_hidden = _noisy_hidden_shared_clean if share_clean_stream else _noisy_hidden_two_rows
   hidden_2NxLxD = noisy_hidden(model, noisy_2NxL, input_ids_NxL, block_size=block_size,
                                attention_impl=attention_impl)
+  weights_2NxL = (None if masked_input_weight == 1.0
+                  else masked_input_weights(noisy_2NxL, mask_id, masked_input_weight))
   ce_sum, _ = head_shifted_cross_entropy_sums(model.logits, hidden_2NxLxD, view_labels_2NxL,
-                                              loss_chunk_size)
+                                              loss_chunk_size, weights_2NxL)
   num_labels = jnp.sum(labels_NxL[:, 1:] != IGNORE).astype(jnp.float32)
   return ce_sum, num_labels
 
 
 def block_diffusion_loss(model, input_ids_NxL, labels_NxL, view_a_mask_NxL, view_b_mask_NxL=None,
                          *, block_size: int, mask_id: int, attention_impl: str | None = None,
-                         loss_chunk_size: int | None = None, share_clean_stream: bool = False):
+                         loss_chunk_size: int | None = None, share_clean_stream: bool = False,
+                         masked_input_weight: float = 1.0):
   """Fast-dLLM v2 loss: (per-token mean CE over both views, metrics dict)."""
   ce_sum, num_labels = block_diffusion_loss_sums(
       model, input_ids_NxL, labels_NxL, view_a_mask_NxL, view_b_mask_NxL,
       block_size=block_size, mask_id=mask_id, attention_impl=attention_impl,
-      loss_chunk_size=loss_chunk_size, share_clean_stream=share_clean_stream)
+      loss_chunk_size=loss_chunk_size, share_clean_stream=share_clean_stream,
+      masked_input_weight=masked_input_weight)
   loss = ce_sum / jnp.maximum(num_labels, 1.0)
   return loss, {"loss": loss, "ce_sum": ce_sum, "num_label_tokens": num_labels}
 

@@ -102,6 +102,10 @@ class TrainConfig:
   # under the causal mask on the same clean batch (a replay of stage 1), so a small model
   # keeps what its AR base knew. 0: the reference's objective alone.
   ar_loss_weight: float = 0.0
+  # block_diffusion only, not in the reference: weight of the CE of predictions made at a MASK
+  # (token shift: x_t at j - 1 is MASK), where parallel decoding commits tokens without their
+  # left neighbour (objective.masked_input_weights). 1: the reference's unweighted loss.
+  masked_input_loss_weight: float = 1.0
   shuffle: bool = True
   # model
   init: str = "checkpoint"  # "checkpoint" (HF dir / hub id) or "scratch" (model_config)
@@ -207,6 +211,10 @@ class TrainConfig:
                        f"{self.ar_loss_weight!r}")
     if self.ar_loss_weight and self.objective != "block_diffusion":
       raise ValueError(f"ar_loss_weight={self.ar_loss_weight} needs "
+                       f"objective='block_diffusion'; got objective={self.objective!r}")
+    objective_lib.check_masked_input_weight(self.masked_input_loss_weight)
+    if self.masked_input_loss_weight != 1.0 and self.objective != "block_diffusion":
+      raise ValueError(f"masked_input_loss_weight={self.masked_input_loss_weight} needs "
                        f"objective='block_diffusion'; got objective={self.objective!r}")
     if self.global_batch_size % self.grad_accum_steps:
       raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by "
@@ -464,7 +472,8 @@ class TrainProgram:
         model, input_ids, labels, view_a, view_b, block_size=config.block_size,
         mask_id=self.mask_id, attention_impl=config.attention_impl,
         loss_chunk_size=config.loss_chunk_size, share_clean_stream=config.share_clean_stream,
-        loss_masks=None if config.mask_loss == "masked" else (loss_a, loss_b))
+        loss_masks=None if config.mask_loss == "masked" else (loss_a, loss_b),
+        masked_input_weight=config.masked_input_loss_weight)
     if config.ar_loss_weight:
       ar_ce, _ = objective_lib.autoregressive_loss_sums(
           model, input_ids, labels, attention_impl=config.attention_impl,
@@ -635,7 +644,7 @@ class Trainer:
         "weight_decay", "adam_b1", "adam_b2", "adam_eps", "max_grad_norm", "grad_accum_steps",
         "mesh_shape", "compute_dtype", "remat", "attention_impl", "loss_chunk_size",
         "mask_ratio_range", "complementary_masks", "mask_pattern", "mask_sub_block_size",
-        "mask_loss", "ar_loss_weight", "share_clean_stream")})
+        "mask_loss", "ar_loss_weight", "masked_input_loss_weight", "share_clean_stream")})
 
   def _check_fingerprint(self, step: int, saved: dict) -> None:
     saved = dict(saved)
