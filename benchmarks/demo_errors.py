@@ -20,8 +20,9 @@ differs decides the kind of error:
 - ``unfinished``: the generated text is a prefix of the solution (no answer before the stop
   or the token limit).
 
-Reports, as JSON on stdout (and in ``--out``): accuracy, the count of each kind, and the first
-``--examples`` wrong answers of each kind with the line that differs.
+Reports, as JSON on stdout (and in ``--out``): accuracy, tokens per forward of a row (as in
+``demo_speed_accuracy.py``), the count of each kind, and the first ``--examples`` wrong answers
+of each kind with the line that differs.
 """
 
 from __future__ import annotations
@@ -132,13 +133,16 @@ def main(argv=None) -> dict:
                         threshold=args.threshold, max_new_tokens=256, mask_id=tokenizer.mask_id,
                         stop_ids=(stop_id,), use_dual_cache=args.dual_cache)
   problems, prompts = task.held_out_prompts(tokenizer, args.num_problems, args.seed)
-  records, correct = [], 0
+  records, correct, tokens, row_forwards = [], 0, 0, 0
   for start in range(0, len(prompts), args.batch_size):
     batch = prompts[start:start + args.batch_size]
     if args.ar:
       out = generate_ar(model, batch, max_new_tokens=256, stop_ids=(stop_id,))
     else:
       out = generate(model, batch, config)
+    tokens += out.num_tokens
+    # as in demo_speed_accuracy.py: a row's forwards are its last step (the batch shares them)
+    row_forwards += sum(max(steps) if steps else 0 for steps in out.step_of_token)
     for row, ids in enumerate(out.tokens):
       problem = problems[start + row]
       text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -153,6 +157,7 @@ def main(argv=None) -> dict:
             "threshold": None if args.ar else args.threshold,
             "dual_cache": None if args.ar else args.dual_cache,
             "num_problems": len(problems), "accuracy": correct / len(problems),
+            "tokens_per_row_forward": tokens / max(row_forwards, 1),
             "wrong": len(records), **summarize(records, args.examples)}
   print(json.dumps(report, indent=2), flush=True)
   if args.out:

@@ -76,6 +76,10 @@ def test_bundled_models_count_every_wrong_answer_once(tmp_path, engine_args):
   assert report["engine"] == ("generate_ar" if engine_args else "generate")
   assert sum(report["errors"].values()) == report["wrong"]
   assert report["wrong"] == round(16 * (1 - report["accuracy"]))
+  if engine_args:
+    assert report["tokens_per_row_forward"] == pytest.approx(1.0)  # one token per AR step
+  else:  # threshold 0.5 fixes several tokens per forward
+    assert report["tokens_per_row_forward"] > 2
   for kind, shown in report["examples"].items():
     assert 0 < len(shown) <= min(3, report["errors"][kind])
 
