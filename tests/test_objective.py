@@ -251,11 +251,11 @@ def test_complementary_views_partition_the_labels():
 
 
 def _per_example_reference(model, ids, labels, view_a, block_size, view_b=None,
-                           masked_input_weight=1.0):
+                           masked_input_weight=1.0, focal_gamma=0.0):
   """Loops over rows and views, each a [1, 2L] forward under an explicit spec mask.
 
   View B: ``view_b`` where given, else the complement of view A. A target whose left input
-  is MASK counts ``masked_input_weight`` times."""
+  is MASK counts ``masked_input_weight`` times; each term is scaled by ``(1 - p)^focal_gamma``."""
   view_b = ~view_a if view_b is None else view_b
   seq_len = ids.shape[1]
   allowed = masks.Explicit(jnp.asarray(_spec_mask(block_size, seq_len)))
@@ -272,8 +272,8 @@ def _per_example_reference(model, ids, labels, view_a, block_size, view_b=None,
         if masked[j]:
           row = logits[j - 1]
           weight = masked_input_weight if x_t[j - 1] == MASK_ID else 1.0
-          total += weight * (np.log(np.exp(row - row.max()).sum()) + row.max()
-                             - row[labels[n, j]])
+          ce = np.log(np.exp(row - row.max()).sum()) + row.max() - row[labels[n, j]]
+          total += weight * ce * (1.0 - np.exp(-ce)) ** focal_gamma
     count += int((labels[n, 1:] != IGNORE).sum())
   return total / count
 
@@ -285,7 +285,7 @@ def tiny_model(tiny_qwen_dir):
 
 _bd_loss = nnx.jit(objective.block_diffusion_loss,
                    static_argnames=("block_size", "mask_id", "share_clean_stream",
-                                    "masked_input_weight"))
+                                    "masked_input_weight", "focal_gamma"))
 _ar_loss = nnx.jit(objective.autoregressive_loss)
 
 
@@ -324,6 +324,25 @@ def test_masked_input_weight_scales_predictions_made_at_a_mask(tiny_model, share
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   assert want > plain * 1.2  # the weight reaches a real share of the terms
   assert float(metrics["num_label_tokens"]) == (labels[:, 1:] != IGNORE).sum()  # not weighted
+
+
+@pytest.mark.parametrize("gamma", [1.0, 2.0])
+def test_focal_gamma_scales_each_term_by_one_minus_p(tiny_model, gamma):
+  ids, labels = _batch(5, rows=3, seq_len=16)
+  view_a = np.asarray(objective.sample_block_masks(jax.random.key(4), jnp.asarray(labels), 4))
+  loss, _ = _bd_loss(tiny_model, jnp.asarray(ids), jnp.asarray(labels), jnp.asarray(view_a),
+                     block_size=4, mask_id=MASK_ID, focal_gamma=gamma, masked_input_weight=2.0)
+  want = _per_example_reference(tiny_model, ids, labels, view_a, 4, masked_input_weight=2.0,
+                                focal_gamma=gamma)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  plain = _per_example_reference(tiny_model, ids, labels, view_a, 4, masked_input_weight=2.0)
+  assert 0 < want < plain
+
+
+@pytest.mark.parametrize("bad", [0.5, -1.0, float("nan"), float("inf"), True, "2"])
+def test_focal_gamma_errors_name_the_value(bad):
+  with pytest.raises(ValueError, match=r"focal_gamma=.* must be 0 \(plain cross-entropy\) or"):
+    objective.check_focal_gamma(bad)
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "2"])
@@ -428,15 +447,17 @@ def test_no_labels_gives_zero_loss_not_nan(tiny_model):
 
 def _loss_and_grads(model, ids, labels, view_a, chunk, objective_name, block_size=8):
   graphdef, state = nnx.split(model)
-  # "weighted": block diffusion with a masked-input weight, whose weights are chunked too
-  weight = 2.5 if objective_name == "weighted" else 1.0
+  # "weighted": block diffusion with a masked-input weight (its weights are chunked too) and
+  # the focal loss
+  weight, gamma = (2.5, 2.0) if objective_name == "weighted" else (1.0, 0.0)
 
   def loss_fn(state):
     m = nnx.merge(graphdef, state)
     if objective_name in ("block_diffusion", "weighted"):
       return objective.block_diffusion_loss(m, ids, labels, view_a, block_size=block_size,
                                             mask_id=63, loss_chunk_size=chunk,
-                                            masked_input_weight=weight)[0]
+                                            masked_input_weight=weight,
+                                            focal_gamma=gamma)[0]
     return objective.autoregressive_loss(m, ids, labels, loss_chunk_size=chunk)[0]
 
   return jax.jit(jax.value_and_grad(loss_fn))(state)

@@ -173,8 +173,8 @@ def test_independent_clipped_views_train_and_accumulate(tmp_path):
   np.testing.assert_allclose(accumulated, active, rtol=1e-5)
 
 
-def test_masked_input_loss_weight_reaches_the_objective():
-  config = _tiny_config(masked_input_loss_weight=2.0)
+def test_masked_input_weight_and_focal_gamma_reach_the_objective():
+  config = _tiny_config(masked_input_loss_weight=2.0, diffusion_focal_gamma=1.0)
   program = trainer_lib.TrainProgram(config, trainer_lib.ModelConfig(
       vocab_size=64, **config.model), _one_device(), mask_id=63)
   params = trainer_lib.init_params(program.model_config, dtype=jnp.float32, seed=3)
@@ -185,11 +185,13 @@ def test_masked_input_loss_weight_reaches_the_objective():
   unused = jnp.zeros((4, 32), bool)
   total, _ = program._loss_sums(params, input_ids, labels, view_a, ~view_a, unused, unused)
   model = trainer_lib.build_model(program.model_config, params, dtype=jnp.float32)
-  sums = {weight: objective_lib.block_diffusion_loss_sums(
+  sums = {(weight, gamma): objective_lib.block_diffusion_loss_sums(
       model, input_ids, labels, view_a, ~view_a, block_size=8, mask_id=63,
-      masked_input_weight=weight)[0] for weight in (1.0, 2.0)}
-  np.testing.assert_allclose(total, sums[2.0], rtol=1e-5)
-  assert float(sums[2.0]) > 1.2 * float(sums[1.0])
+      masked_input_weight=weight, focal_gamma=gamma)[0]
+      for weight, gamma in ((1.0, 0.0), (2.0, 0.0), (2.0, 1.0))}
+  np.testing.assert_allclose(total, sums[2.0, 1.0], rtol=1e-5)
+  assert float(sums[2.0, 0.0]) > 1.2 * float(sums[1.0, 0.0])
+  assert float(sums[2.0, 1.0]) < float(sums[2.0, 0.0])
 
 
 def test_ar_replay_adds_the_weighted_causal_loss(tmp_path):
@@ -395,6 +397,7 @@ def test_progress_off_a_terminal_is_log_lines(tmp_path, monkeypatch, caplog, cap
     ("ar_loss_weight", "1", "ar_loss_weight must be a finite number >= 0; got '1'"),
     ("masked_input_loss_weight", 0.0, r"masked_input_weight=0.0 must be a finite number > 0"),
     ("masked_input_loss_weight", "2", "masked_input_weight='2' must be a finite number > 0"),
+    ("diffusion_focal_gamma", 0.5, r"focal_gamma=0.5 must be 0 \(plain cross-entropy\)"),
     ("log_every", -1, r"log_every must be an integer >= 0 \(0: every 5% of the steps\); got -1"),
     ("log_every", True, "log_every must be an integer >= 0"),
     # each of these trained silently wrong, or failed deep inside optax / flax
@@ -432,6 +435,9 @@ def test_ar_replay_needs_the_block_diffusion_objective():
   with pytest.raises(ValueError,
                      match="masked_input_loss_weight=2.0 needs objective='block_diffusion'"):
     _tiny_config(objective="autoregressive", masked_input_loss_weight=2.0).validate()
+  with pytest.raises(ValueError,
+                     match="diffusion_focal_gamma=2.0 needs objective='block_diffusion'"):
+    _tiny_config(objective="autoregressive", diffusion_focal_gamma=2.0).validate()
 
 
 def test_batch_must_divide_over_batch_devices():

@@ -201,10 +201,12 @@ def complementary_views(input_ids_NxL, labels_NxL, view_a_mask_NxL, mask_id: int
   return noisy_2NxL, view_labels_2NxL
 
 
-def _cross_entropy_sums(logits_BxTxV, targets_BxT, weights_BxT=None):
+def _cross_entropy_sums(logits_BxTxV, targets_BxT, weights_BxT=None, focal_gamma: float = 0.0):
   """(sum of CE where ``targets`` != IGNORE, their count): logit t scores target t.
 
   ``weights`` (float [B, T]) scale each target's CE in the sum, not in the count.
+  ``focal_gamma`` > 0 scales each CE by ``(1 - p)^gamma``, ``p`` the target's probability (the
+  focal loss of Lin et al. 2017): the sum leans on the predictions the model gets wrong.
   """
   logits = logits_BxTxV.astype(jnp.float32)
   valid = targets_BxT != IGNORE
@@ -212,6 +214,9 @@ def _cross_entropy_sums(logits_BxTxV, targets_BxT, weights_BxT=None):
   safe_targets = jnp.where(valid, targets_BxT, 0)
   target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
   ce = jnp.where(valid, log_z - target_logit, 0.0)
+  if focal_gamma:
+    # 1 - p = -expm1(-ce); ce >= 0 up to rounding, and a negative base has no real power
+    ce = ce * jnp.power(-jnp.expm1(-jnp.maximum(ce, 0.0)), focal_gamma)
   if weights_BxT is not None:
     ce = ce * weights_BxT
   return jnp.sum(ce), jnp.sum(valid).astype(jnp.float32)
@@ -231,11 +236,12 @@ def check_loss_chunk_size(chunk_size: int | None) -> None:
 
 
 def head_shifted_cross_entropy_sums(logits_fn, hidden_BxTxD, labels_BxT,
-                                    chunk_size: int | None = None, weights_BxT=None):
+                                    chunk_size: int | None = None, weights_BxT=None,
+                                    focal_gamma: float = 0.0):
   """``shifted_cross_entropy_sums(logits_fn(hidden), labels)``, ``chunk_size`` positions at a time.
 
   ``weights`` (float [B, T], aligned with ``labels``: ``weights[:, j]`` scales the CE of the
-  token at ``j``) weight the sum; None: all 1.
+  token at ``j``) weight the sum; None: all 1. ``focal_gamma``: see ``_cross_entropy_sums``.
 
   With a chunk size, the LM head and the CE run on one chunk of positions after another
   (``lax.scan``) under ``jax.checkpoint``: the backward pass recomputes each chunk's logits, so
@@ -250,7 +256,7 @@ def head_shifted_cross_entropy_sums(logits_fn, hidden_BxTxD, labels_BxT,
   batch, num_positions, width = hidden.shape
   if chunk_size is None or chunk_size >= num_positions:
     return _cross_entropy_sums(logits_fn(hidden), targets,
-                               None if weights_BxT is None else weights)
+                               None if weights_BxT is None else weights, focal_gamma)
   num_chunks = -(-num_positions // chunk_size)
   pad = num_chunks * chunk_size - num_positions  # padded positions carry IGNORE: no loss
   hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -263,7 +269,7 @@ def head_shifted_cross_entropy_sums(logits_fn, hidden_BxTxD, labels_BxT,
 
   @jax.checkpoint
   def chunk_sums(hidden_BxKxD, targets_BxK, weights_BxK):
-    return _cross_entropy_sums(logits_fn(hidden_BxKxD), targets_BxK, weights_BxK)
+    return _cross_entropy_sums(logits_fn(hidden_BxKxD), targets_BxK, weights_BxK, focal_gamma)
 
   def accumulate(totals, chunk):
     ce, count = chunk_sums(*chunk)
@@ -281,6 +287,15 @@ def check_masked_input_weight(weight) -> None:
       or not math.isfinite(weight) or weight <= 0):
     raise ValueError(f"masked_input_weight={weight!r} must be a finite number > 0 (1: the "
                      "reference's unweighted loss)")
+
+
+def check_focal_gamma(gamma) -> None:
+  """ValueError unless ``gamma`` is 0 (plain CE) or a finite number >= 1 (below 1 the gradient
+  of ``(1 - p)^gamma`` is infinite where ``p`` reaches 1)."""
+  if (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma)
+      or not (gamma == 0 or gamma >= 1)):
+    raise ValueError(f"focal_gamma={gamma!r} must be 0 (plain cross-entropy) or a finite "
+                     "number >= 1")
 
 
 def masked_input_weights(noisy_BxL, mask_id: int, weight: float):
@@ -325,17 +340,19 @@ def block_diffusion_loss_sums(model, input_ids_NxL, labels_NxL, view_a_mask_NxL,
                               attention_impl: str | None = None,
                               loss_chunk_size: int | None = None,
                               share_clean_stream: bool = False, loss_masks=None,
-                              masked_input_weight: float = 1.0):
+                              masked_input_weight: float = 1.0, focal_gamma: float = 0.0):
   """(CE summed over both views, number of label tokens of the original batch).
 
   ``view_b_mask`` None: view B is view A's complement (the reference). ``loss_masks`` (not in
   the reference): per view, the masked tokens that carry loss; None: all of them.
   ``masked_input_weight`` (not in the reference; 1 is the reference): weight of the CE of
-  predictions made at a MASK (``masked_input_weights``).
+  predictions made at a MASK (``masked_input_weights``). ``focal_gamma`` (not in the
+  reference; 0 is the reference): the focal loss's exponent (``_cross_entropy_sums``).
   """
   num_rows, seq_len = input_ids_NxL.shape
   check_block_shape(seq_len, block_size)
   check_masked_input_weight(masked_input_weight)
+  check_focal_gamma(focal_gamma)
   noisy_2NxL, view_labels_2NxL = complementary_views(input_ids_NxL, labels_NxL,
                                                      view_a_mask_NxL, mask_id, view_b_mask_NxL,
                                                      loss_masks)
@@ -345,7 +362,7 @@ def block_diffusion_loss_sums(model, input_ids_NxL, labels_NxL, view_a_mask_NxL,
   weights_2NxL = (None if masked_input_weight == 1.0
                   else masked_input_weights(noisy_2NxL, mask_id, masked_input_weight))
   ce_sum, _ = head_shifted_cross_entropy_sums(model.logits, hidden_2NxLxD, view_labels_2NxL,
-                                              loss_chunk_size, weights_2NxL)
+                                              loss_chunk_size, weights_2NxL, focal_gamma)
   num_labels = jnp.sum(labels_NxL[:, 1:] != IGNORE).astype(jnp.float32)
   return ce_sum, num_labels
 
@@ -353,13 +370,13 @@ def block_diffusion_loss_sums(model, input_ids_NxL, labels_NxL, view_a_mask_NxL,
 def block_diffusion_loss(model, input_ids_NxL, labels_NxL, view_a_mask_NxL, view_b_mask_NxL=None,
                          *, block_size: int, mask_id: int, attention_impl: str | None = None,
                          loss_chunk_size: int | None = None, share_clean_stream: bool = False,
-                         masked_input_weight: float = 1.0):
+                         masked_input_weight: float = 1.0, focal_gamma: float = 0.0):
   """Fast-dLLM v2 loss: (per-token mean CE over both views, metrics dict)."""
   ce_sum, num_labels = block_diffusion_loss_sums(
       model, input_ids_NxL, labels_NxL, view_a_mask_NxL, view_b_mask_NxL,
       block_size=block_size, mask_id=mask_id, attention_impl=attention_impl,
       loss_chunk_size=loss_chunk_size, share_clean_stream=share_clean_stream,
-      masked_input_weight=masked_input_weight)
+      masked_input_weight=masked_input_weight, focal_gamma=focal_gamma)
   loss = ce_sum / jnp.maximum(num_labels, 1.0)
   return loss, {"loss": loss, "ce_sum": ce_sum, "num_label_tokens": num_labels}
 

@@ -106,6 +106,9 @@ class TrainConfig:
   # (token shift: x_t at j - 1 is MASK), where parallel decoding commits tokens without their
   # left neighbour (objective.masked_input_weights). 1: the reference's unweighted loss.
   masked_input_loss_weight: float = 1.0
+  # block_diffusion only, not in the reference: the focal loss's exponent on the block-diffusion
+  # CE (each term times (1 - p)^gamma, p the target's probability; objective.py). 0: plain CE.
+  diffusion_focal_gamma: float = 0.0
   shuffle: bool = True
   # model
   init: str = "checkpoint"  # "checkpoint" (HF dir / hub id) or "scratch" (model_config)
@@ -213,6 +216,10 @@ class TrainConfig:
       raise ValueError(f"ar_loss_weight={self.ar_loss_weight} needs "
                        f"objective='block_diffusion'; got objective={self.objective!r}")
     objective_lib.check_masked_input_weight(self.masked_input_loss_weight)
+    objective_lib.check_focal_gamma(self.diffusion_focal_gamma)
+    if self.diffusion_focal_gamma and self.objective != "block_diffusion":
+      raise ValueError(f"diffusion_focal_gamma={self.diffusion_focal_gamma} needs "
+                       f"objective='block_diffusion'; got objective={self.objective!r}")
     if self.masked_input_loss_weight != 1.0 and self.objective != "block_diffusion":
       raise ValueError(f"masked_input_loss_weight={self.masked_input_loss_weight} needs "
                        f"objective='block_diffusion'; got objective={self.objective!r}")
@@ -473,7 +480,8 @@ class TrainProgram:
         mask_id=self.mask_id, attention_impl=config.attention_impl,
         loss_chunk_size=config.loss_chunk_size, share_clean_stream=config.share_clean_stream,
         loss_masks=None if config.mask_loss == "masked" else (loss_a, loss_b),
-        masked_input_weight=config.masked_input_loss_weight)
+        masked_input_weight=config.masked_input_loss_weight,
+        focal_gamma=config.diffusion_focal_gamma)
     if config.ar_loss_weight:
       ar_ce, _ = objective_lib.autoregressive_loss_sums(
           model, input_ids, labels, attention_impl=config.attention_impl,
@@ -644,7 +652,8 @@ class Trainer:
         "weight_decay", "adam_b1", "adam_b2", "adam_eps", "max_grad_norm", "grad_accum_steps",
         "mesh_shape", "compute_dtype", "remat", "attention_impl", "loss_chunk_size",
         "mask_ratio_range", "complementary_masks", "mask_pattern", "mask_sub_block_size",
-        "mask_loss", "ar_loss_weight", "masked_input_loss_weight", "share_clean_stream")})
+        "mask_loss", "ar_loss_weight", "masked_input_loss_weight", "diffusion_focal_gamma",
+        "share_clean_stream")})
 
   def _check_fingerprint(self, step: int, saved: dict) -> None:
     saved = dict(saved)
