@@ -17,7 +17,10 @@ before it (teacher forcing), in the two settings a model meets:
 - ``ahead``: as ``block`` but MASK from i-1 on, so token i is predicted at a MASK position
   without the token before it: the situation of a token that threshold decoding commits in the
   same forward as its left neighbour. Only tokens whose left neighbour is an answer token of
-  the same block.
+  the same block;
+- ``sub_block``: as ``block`` but MASK from the start of i's sub-block (``--sub_block_size``,
+  8): the first forward of a sub-block, where threshold decoding fixes most of its tokens at
+  once (``benchmarks/demo_commit_order.py``).
 
 Tokens are counted by kind: ``digit`` (a token of an answer's numbers, the arithmetic: one
 digit, or a whole number with the bundled tokenizer), ``block_start`` (the first token of a
@@ -44,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-SETTINGS = ("causal", "block", "prefix", "infill", "ahead")
+SETTINGS = ("causal", "block", "prefix", "infill", "ahead", "sub_block")
 
 
 def parse_args(argv=None):
@@ -55,6 +58,7 @@ def parse_args(argv=None):
   p.add_argument("--num_problems", type=int, default=30)
   p.add_argument("--seed", type=int, default=0, help="seed of the test split's problems")
   p.add_argument("--block_size", type=int, default=32)
+  p.add_argument("--sub_block_size", type=int, default=8, help="of the sub_block setting")
   p.add_argument("--examples", type=int, default=5, help="wrong predictions kept per setting")
   p.add_argument("--threshold", type=float, default=0.9,
                  help="a wrong prediction above this top probability counts as confident")
@@ -65,6 +69,9 @@ def parse_args(argv=None):
     p.error(f"--num_problems must be at least 1; got {args.num_problems}")
   if args.block_size < 1:
     p.error(f"--block_size must be at least 1; got {args.block_size}")
+  if args.sub_block_size < 1 or args.block_size % args.sub_block_size:
+    p.error(f"--sub_block_size must divide the block size {args.block_size}; got "
+            f"{args.sub_block_size}")
   if not 0.0 <= args.threshold <= 1.0:
     p.error(f"--threshold must be in [0, 1]; got {args.threshold}")
   return args
@@ -125,7 +132,7 @@ def _explicit_mask_logits():
 
 
 def probe_model(path: str, problems, *, block_size: int, num_examples: int,
-                threshold: float = 0.9) -> dict:
+                threshold: float = 0.9, sub_block_size: int = 8) -> dict:
   """The report of one checkpoint: per setting and kind, wrong / total, and a few examples."""
   from fdllm_jax import compute_logits, load_model, load_tokenizer
   from fdllm_jax.training.data import encode_chat, pad_to_block
@@ -153,11 +160,16 @@ def probe_model(path: str, problems, *, block_size: int, num_examples: int,
     ahead_logits = {} if not len(ahead) else dict(zip(ahead.tolist(), np.asarray(compute_logits(
         model, block_inputs(ids, labels, ahead - 1, block_size, tokenizer.mask_id),
         attention="block_causal", block_size=block_size))[np.arange(len(ahead)), ahead - 1]))
+    sub_block = np.asarray(compute_logits(
+        model, block_inputs(ids, labels, targets // sub_block_size * sub_block_size, block_size,
+                            tokenizer.mask_id),
+        attention="block_causal", block_size=block_size))
     for row, i in enumerate(targets):
       piece = tokenizer.decode([int(ids[i])])
       kind = token_kind(piece, int(i), block_size, tokenizer.decode([int(ids[i - 1])]))
       settings = [("causal", causal[i - 1]), ("block", block[row, i - 1]),
-                  ("prefix", prefix[row, i - 1]), ("infill", infill[row, i - 1])]
+                  ("prefix", prefix[row, i - 1]), ("infill", infill[row, i - 1]),
+                  ("sub_block", sub_block[row, i - 1])]
       if int(i) in ahead_logits:
         settings.append(("ahead", ahead_logits[int(i)]))
       for setting, logits in settings:
@@ -185,7 +197,8 @@ def main(argv=None) -> list[dict]:
   from fdllm_jax.demo import task
   problems = task.generate("test", args.num_problems, args.seed)
   reports = [probe_model(path, problems, block_size=args.block_size,
-                         num_examples=args.examples, threshold=args.threshold)
+                         num_examples=args.examples, threshold=args.threshold,
+                         sub_block_size=args.sub_block_size)
              for path in args.model]
   text = json.dumps(reports, indent=1)
   print(text)

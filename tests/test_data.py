@@ -97,6 +97,42 @@ def test_pad_to_block(tok):
   assert len(same[0]) == 8
 
 
+def test_end_at_last_label_drops_the_newline_after_the_answer(tok):
+  messages = [{"role": "user", "content": "What is 3 plus 4?"},
+              {"role": "assistant", "content": "3 plus 4 is 7."}]
+  ids, labels = data.encode_chat(tok, messages)
+  assert tok.decode(ids[-2:]) == "<|im_end|>\n" and labels[-1] == IGNORE
+  cut_ids, cut_labels = data.end_at_last_label(ids, labels)
+  np.testing.assert_array_equal(cut_ids, ids[:-1])
+  np.testing.assert_array_equal(cut_labels, labels[:-1])
+  assert cut_ids[-1] == tok.hf.convert_tokens_to_ids("<|im_end|>")
+  unlabelled = np.full(5, IGNORE, np.int32)
+  assert len(data.end_at_last_label(np.arange(5), unlabelled)[0]) == 5  # nothing to end at
+  record = {"example": {"messages": messages}, "where": "test"}
+  plain = data.EncodeExample(tok, block_size=8, pad_mask_token=True)(record)
+  ended = data.EncodeExample(tok, block_size=8, pad_mask_token=True,
+                             end_at_last_label=True)(record)
+  # the newline's slot becomes MASK padding, the rest is unchanged
+  last = len(ids) - 1
+  np.testing.assert_array_equal(ended["input_ids"][:last], plain["input_ids"][:last])
+  assert plain["input_ids"][last] == ids[-1] and ended["input_ids"][last] == tok.mask_id
+  assert len(ended["input_ids"]) % 8 == 0
+  np.testing.assert_array_equal(ended["labels"], plain["labels"][:len(ended["labels"])])
+
+
+def test_batches_end_samples_at_their_last_label(source, tok):
+  it = data.BatchIterator(source, tok, global_batch_size=2, seq_len=64, block_size=16,
+                          pad_mask_token=True, seed=3, end_at_last_label=True)
+  stream = np.concatenate([next(it)["input_ids"][0] for _ in range(6)])
+  im_end, im_start = (tok.hf.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>"))
+  (newline,) = tok.encode("\n")
+  ends = np.flatnonzero(stream[:-2] == im_end)
+  # a newline after <|im_end|> only inside a sample (another turn follows), never at its end
+  for end in ends[stream[ends + 1] == newline]:
+    assert stream[end + 2] == im_start
+  assert (stream[ends + 1] == tok.mask_id).any()
+
+
 # ----------------------------------------------------------------------------- packing / batches
 
 def _row_samples(source, tok, row, num_rows, seed, block_size, pad, count):

@@ -101,7 +101,8 @@ def test_report_counts_every_answer_token_in_every_setting(capsys):
 
 @pytest.mark.parametrize("argv,message", [(["--num_problems", "0"], "num_problems"),
                                           (["--block_size", "0"], "block_size"),
-                                          (["--threshold", "1.5"], "threshold")])
+                                          (["--threshold", "1.5"], "threshold"),
+                                          (["--sub_block_size", "5"], "sub_block_size")])
 def test_bad_arguments_name_the_value(argv, message, capsys):
   with pytest.raises(SystemExit):
     probe.parse_args(argv)

@@ -10,7 +10,8 @@ when the source is opened; a bad one is reported by file and line number.
 Pipeline for one *row* of the global batch::
 
     JsonlSource -> shuffle(seed) -> repeat (reshuffled every epoch) -> [row::global_batch]
-      -> encode (ChatML, labels) -> [pad_mask_token: MASK up to a multiple of B, label -100]
+      -> encode (ChatML, labels) -> [end_at_last_label: drop what follows the last label]
+      -> [pad_mask_token: MASK up to a multiple of B, label -100]
       -> PackIterDataset(seq_len): concatenate samples, cut windows of exactly seq_len tokens
 
 Each row of the global batch is an independent packed stream over every ``global_batch``-th
@@ -19,6 +20,14 @@ any process count (or device count) produces the same global batch: a 2-process 
 exactly the data of a 1-process run. ``BatchIterator.get_state()`` is small and JSON
 serialisable (per row: grain's source index, plus the offset inside the sample being packed);
 restoring it replays exactly the batches an uninterrupted run would see.
+
+``end_at_last_label`` (block diffusion, not in the reference) ends a sample at its last label:
+a chat sample then stops at its final ``<|im_end|>``, without the newline after it. That
+newline carries no label, so the block-diffusion noise never masks it; a noisy block holding
+an answer's end would see it in clear, one position after the (masked) ``<|im_end|>``, and
+learn where the answer ends from it. The decoder never has it: after the current position it
+sees only MASK. With the option the MASK padding starts right after ``<|im_end|>``, as in
+decoding (docs/demo_history.md, "Session 27").
 """
 
 from __future__ import annotations
@@ -153,6 +162,16 @@ def encode_text(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray
   return ids, ids.copy()
 
 
+def end_at_last_label(ids, labels):
+  """``ids`` and ``labels`` up to and including the last labelled token (unchanged when no
+  token has a label)."""
+  labelled = np.flatnonzero(np.asarray(labels) != IGNORE)
+  if not len(labelled):
+    return ids, labels
+  end = int(labelled[-1]) + 1
+  return ids[:end], labels[:end]
+
+
 def pad_to_block(ids, labels, block_size: int, mask_id: int):
   """Appends MASK tokens (label IGNORE) up to a multiple of ``block_size``."""
   pad = -len(ids) % block_size
@@ -165,10 +184,12 @@ def pad_to_block(ids, labels, block_size: int, mask_id: int):
 class EncodeExample:
   """grain map: a source record -> {"input_ids", "labels"} int32 arrays of one sample."""
 
-  def __init__(self, tokenizer: Tokenizer, *, block_size: int, pad_mask_token: bool):
+  def __init__(self, tokenizer: Tokenizer, *, block_size: int, pad_mask_token: bool,
+               end_at_last_label: bool = False):
     self.tokenizer = tokenizer
     self.block_size = block_size
     self.pad_mask_token = pad_mask_token
+    self.end_at_last_label = end_at_last_label
 
   def __call__(self, record: dict) -> dict[str, np.ndarray]:
     example = record["example"]
@@ -178,6 +199,8 @@ class EncodeExample:
       ids, labels = encode_text(self.tokenizer, example["text"])
     if len(ids) == 0:
       raise ValueError(f"{record['where']}: the example encodes to no tokens")
+    if self.end_at_last_label:
+      ids, labels = end_at_last_label(ids, labels)
     if self.pad_mask_token:
       ids, labels = pad_to_block(ids, labels, self.block_size, self.tokenizer.mask_id)
     return {"input_ids": ids, "labels": labels}
@@ -269,7 +292,7 @@ class BatchIterator:
 
   def __init__(self, source, tokenizer: Tokenizer, *, global_batch_size: int, seq_len: int,
                block_size: int, pad_mask_token: bool = True, seed: int = 0, shuffle: bool = True,
-               rows: Iterable[int] | None = None):
+               rows: Iterable[int] | None = None, end_at_last_label: bool = False):
     check_block_shape(seq_len, block_size)
     if global_batch_size < 1:
       raise ValueError(f"global_batch_size must be positive; got {global_batch_size}")
@@ -279,7 +302,8 @@ class BatchIterator:
     self.version = STATE_VERSION
     self.seq_len = seq_len
     self.global_batch_size = global_batch_size
-    encode = EncodeExample(tokenizer, block_size=block_size, pad_mask_token=pad_mask_token)
+    encode = EncodeExample(tokenizer, block_size=block_size, pad_mask_token=pad_mask_token,
+                           end_at_last_label=end_at_last_label)
     self._iterators = [
         row_dataset(source, encode, row=r, num_rows=global_batch_size, seq_len=seq_len,
                     seed=seed, shuffle=shuffle).__iter__() for r in self.rows]

@@ -87,6 +87,10 @@ class TrainConfig:
   seq_len: int = 2048
   block_size: int = 32
   pad_mask_token: bool = True  # block_diffusion only; AR packs samples back to back
+  # block_diffusion only, not in the reference: a sample ends at its last label, so a chat
+  # sample's MASK padding starts right after its final <|im_end|> (the newline the reference
+  # keeps there is never masked and shows a noisy block where the answer ends; data.py)
+  end_at_last_label: bool = False
   # block_diffusion noise (objective.sample_view_masks). The reference: t ~ U(0, 1) per block,
   # view B the complement of view A. Other values leave the paper's recipe.
   mask_ratio_range: tuple[float, float] = (0.0, 1.0)
@@ -187,7 +191,7 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.{name} must be a positive integer; got {value!r}")
     self._validate_optimisation()
     for name in ("pad_mask_token", "shuffle", "remat", "async_checkpointing", "progress_bar",
-                 "export", "share_clean_stream", "complementary_masks"):
+                 "export", "share_clean_stream", "complementary_masks", "end_at_last_label"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"TrainConfig.{name} must be True or False; got "
                          f"{getattr(self, name)!r}")
@@ -618,8 +622,8 @@ class Trainer:
         self.source, self.tokenizer, global_batch_size=config.global_batch_size,
         seq_len=config.seq_len, block_size=config.block_size,
         pad_mask_token=config.pad_mask_token and config.objective == "block_diffusion",
-        seed=config.seed, shuffle=config.shuffle,
-        rows=self.rows)
+        seed=config.seed, shuffle=config.shuffle, rows=self.rows,
+        end_at_last_label=config.end_at_last_label and config.objective == "block_diffusion")
 
   # -- checkpoints
 
@@ -638,6 +642,8 @@ class Trainer:
         "block_size": config.block_size,
         "global_batch_size": config.global_batch_size,
         "pad_mask_token": config.pad_mask_token,
+        # only when set, so that checkpoints written before the option still resume
+        **({"end_at_last_label": True} if config.end_at_last_label else {}),
         "shuffle": config.shuffle,
         "seed": config.seed,
         # the optimiser state's structure
