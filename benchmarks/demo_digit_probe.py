@@ -87,15 +87,18 @@ def token_kind(piece: str, position: int, block_size: int, previous_piece: str =
 
 def block_inputs(ids: np.ndarray, labels: np.ndarray, targets: np.ndarray, block_size: int,
                  mask_id: int) -> np.ndarray:
-  """One row per target position i: labelled tokens in [i, end of i's block) replaced by MASK.
+  """One row per target position i: [i, end of i's block) MASK, except prompt tokens.
 
-  Later blocks keep their tokens: under the block-causal mask they cannot reach the block of i.
+  The prompt is what comes before the first label; everything after it is hidden, the newline
+  after the answer's ``<|im_end|>`` too: the decoder has MASK there, and that unlabelled
+  newline would show where the answer ends (docs/demo_history.md, "Session 27"). Later blocks
+  keep their tokens: under the block-causal mask they cannot reach the block of i.
   """
   rows = np.repeat(ids[None], len(targets), axis=0)
+  answer_start = int(np.flatnonzero(labels != -100)[0])
   for row, i in enumerate(targets):
-    end = (i // block_size + 1) * block_size
-    hide = labels[i:end] != -100
-    rows[row, i:end] = np.where(hide, mask_id, rows[row, i:end])
+    start, end = max(i, answer_start), (i // block_size + 1) * block_size
+    rows[row, start:end] = mask_id
   return rows
 
 

@@ -24,10 +24,19 @@ def test_batched_block_inputs_equal_one_truncated_forward_per_position():
   for row, i in enumerate(targets):
     end = (i // 32 + 1) * 32  # the literal setting: the sequence stops at the block's end
     literal = ids[:end].copy()
-    literal[i:end] = np.where(labels[i:end] != -100, tokenizer.mask_id, literal[i:end])
+    literal[i:end] = tokenizer.mask_id  # the targets are answer tokens: no prompt after them
     want = np.asarray(compute_logits(model, literal[None], attention="block_causal",
                                      block_size=32))[0, i - 1]
     np.testing.assert_allclose(batched[row, i - 1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_block_rows_hide_the_newline_after_the_answer_and_keep_the_prompt():
+  labels = np.array([-100, -100, -100, 7, 8, 9, -100, 3])  # prompt, answer, its newline, pad
+  ids = np.array([1, 2, 3, 7, 8, 9, 5, 3])
+  rows = probe.block_inputs(ids, labels, np.array([1, 4, 5]), 8, mask_id=3)
+  np.testing.assert_array_equal(rows, [[1, 2, 3, 3, 3, 3, 3, 3],
+                                       [1, 2, 3, 7, 3, 3, 3, 3],
+                                       [1, 2, 3, 7, 8, 3, 3, 3]])
 
 
 def test_prefix_setting_equals_one_truncated_forward_per_position():
