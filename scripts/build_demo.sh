@@ -8,7 +8,8 @@
 #                 (fdllm_jax/demo/tokenizer_train.py --numbers whole)
 #   3. stage 1:   autoregressive training from scratch          (configs/demo_ar.gin)
 #   4. stage 2:   Fast-dLLM v2 block-diffusion fine-tuning        (configs/demo_adapt.gin)
-#                 with an AR replay term and the decoder's states as noise (ours)
+#                 with an AR replay term, the decoder's states as noise and samples
+#                 that end at their final <|im_end|> (ours; the last since session 27)
 #   5. export:    models/demo/ar_base and models/demo/fast_dllm (HF layout + tokenizer)
 #   6. check:     accuracy of both on 200 held-out problems, speed of both decoders
 #

@@ -166,10 +166,11 @@ def test_demo_stage2_and_the_paper_recipe_overlay_parse():
   assert bundle.objective == "block_diffusion" and bundle.num_steps == 1000
   assert bundle.learning_rate == 6e-4
   assert (bundle.mask_pattern, bundle.mask_sub_block_size, bundle.mask_loss,
-          bundle.ar_loss_weight) == ("sub_block", 8, "active_sub_block", 1.0)
+          bundle.ar_loss_weight, bundle.end_at_last_label) == (
+              "sub_block", 8, "active_sub_block", 1.0, True)
   paper = _demo_config("demo_adapt.gin", "demo_paper_recipe.gin")
-  assert (paper.mask_pattern, paper.mask_loss, paper.ar_loss_weight, paper.num_steps) == (
-      "bernoulli", "masked", 0.0, 500)
+  assert (paper.mask_pattern, paper.mask_loss, paper.ar_loss_weight, paper.num_steps,
+          paper.end_at_last_label) == ("bernoulli", "masked", 0.0, 500, False)
   assert paper.learning_rate == 3e-4  # the session-7 bundle's rate
   assert paper.mask_ratio_range == (0.0, 1.0) and paper.complementary_masks
 
