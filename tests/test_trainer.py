@@ -173,15 +173,21 @@ def test_independent_clipped_views_train_and_accumulate(tmp_path):
   np.testing.assert_allclose(accumulated, active, rtol=1e-5)
 
 
-def test_masked_input_weight_and_focal_gamma_reach_the_objective():
-  config = _tiny_config(masked_input_loss_weight=2.0, diffusion_focal_gamma=1.0)
+def _program_and_batch(config, seed):
+  """A TrainProgram of ``config``, its initial params, a random batch [4, 32] and view A."""
   program = trainer_lib.TrainProgram(config, trainer_lib.ModelConfig(
       vocab_size=64, **config.model), _one_device(), mask_id=63)
   params = trainer_lib.init_params(program.model_config, dtype=jnp.float32, seed=3)
-  keys = jax.random.split(jax.random.key(8), 3)
+  keys = jax.random.split(jax.random.key(seed), 3)
   input_ids = jax.random.randint(keys[0], (4, 32), 0, 63)
   labels = jnp.where(jax.random.bernoulli(keys[1], 0.7, (4, 32)), input_ids, -100)
   view_a = jax.random.bernoulli(keys[2], 0.5, (4, 32))
+  return program, params, input_ids, labels, view_a
+
+
+def test_masked_input_weight_and_focal_gamma_reach_the_objective():
+  program, params, input_ids, labels, view_a = _program_and_batch(
+      _tiny_config(masked_input_loss_weight=2.0, diffusion_focal_gamma=1.0), seed=8)
   unused = jnp.zeros((4, 32), bool)
   total, _ = program._loss_sums(params, input_ids, labels, view_a, ~view_a, unused, unused)
   model = trainer_lib.build_model(program.model_config, params, dtype=jnp.float32)
@@ -196,14 +202,8 @@ def test_masked_input_weight_and_focal_gamma_reach_the_objective():
 
 def test_ar_replay_adds_the_weighted_causal_loss(tmp_path):
   """ar_loss_weight adds w x the causal next-token CE of the clean batch to the objective."""
-  config = _tiny_config(ar_loss_weight=0.5)
-  program = trainer_lib.TrainProgram(config, trainer_lib.ModelConfig(
-      vocab_size=64, **config.model), _one_device(), mask_id=63)
-  params = trainer_lib.init_params(program.model_config, dtype=jnp.float32, seed=3)
-  keys = jax.random.split(jax.random.key(7), 3)
-  input_ids = jax.random.randint(keys[0], (4, 32), 0, 63)
-  labels = jnp.where(jax.random.bernoulli(keys[1], 0.7, (4, 32)), input_ids, -100)
-  view_a = jax.random.bernoulli(keys[2], 0.5, (4, 32))
+  program, params, input_ids, labels, view_a = _program_and_batch(
+      _tiny_config(ar_loss_weight=0.5), seed=7)
   unused = jnp.zeros((4, 32), bool)
   total, (count, ar_ce) = program._loss_sums(params, input_ids, labels, view_a, ~view_a,
                                              unused, unused)
