@@ -200,6 +200,22 @@ def test_masked_input_weight_and_focal_gamma_reach_the_objective():
   assert float(sums[2.0, 1.0]) < float(sums[2.0, 0.0])
 
 
+@pytest.mark.parametrize("objective", ["block_diffusion", "autoregressive"])
+def test_end_at_last_label_reaches_the_block_diffusion_data(tmp_path, objective):
+  streams = {}
+  for ended in (False, True):
+    trainer = trainer_lib.Trainer(_tiny_config(end_at_last_label=ended, objective=objective),
+                                  str(tmp_path / f"{objective}{ended}"), mesh=_one_device())
+    try:
+      batches = trainer.data_iterator()
+      streams[ended] = np.concatenate([next(batches)["input_ids"] for _ in range(2)])
+    finally:
+      trainer.close()
+  # block diffusion: the newline after each sample's final <|im_end|> gives way to padding;
+  # the AR stage keeps its data as it was
+  assert (streams[True] != streams[False]).any() == (objective == "block_diffusion")
+
+
 def test_ar_replay_adds_the_weighted_causal_loss(tmp_path):
   """ar_loss_weight adds w x the causal next-token CE of the clean batch to the objective."""
   program, params, input_ids, labels, view_a = _program_and_batch(

@@ -88,8 +88,8 @@ class TrainConfig:
   block_size: int = 32
   pad_mask_token: bool = True  # block_diffusion only; AR packs samples back to back
   # block_diffusion only, not in the reference: a sample ends at its last label, so a chat
-  # sample's MASK padding starts right after its final <|im_end|> (the newline the reference
-  # keeps there is never masked and shows a noisy block where the answer ends; data.py)
+  # sample's MASK padding starts right after its final <|im_end|> (the newline that ChatML
+  # puts there is never masked and shows a noisy block where the answer ends; data.py)
   end_at_last_label: bool = False
   # block_diffusion noise (objective.sample_view_masks). The reference: t ~ U(0, 1) per block,
   # view B the complement of view A. Other values leave the paper's recipe.
