@@ -13,12 +13,11 @@
 #   5. export:    models/demo/ar_base and models/demo/fast_dllm (HF layout + tokenizer)
 #   6. check:     accuracy of both on 200 held-out problems, speed of both decoders
 #
-# On 2 CPU cores, SKIP_CHECK=1: data + tokenizer 8 s, stage 1 776 s (1000 steps), stage 2
-# 1542 s (1000 steps with the AR replay): about 39 minutes since session 25 (30 were the goal
-# of issue #6). These weights are NOT the bundle's: the faster code rounds differently and the
-# recipe is not robust to it (AR base 78% against the bundle's 90.5%; docs/demo_history.md,
-# "Session 25"). The bundle's bits: this command at commit 07ca929 (58 minutes: 8 s + 1045 s
-# + 2436 s). The four-layer bundle until session 23 (1000 + 600 steps) took 34 minutes here.
+# On 2 CPU cores (session 28's machine, SKIP_CHECK=1): data + tokenizer about 16 s, stage 1
+# 1499 s (1500 steps), stage 2 2050 s (1000 steps with the AR replay): about 59 minutes, 45 with
+# session 25's step times (30 were the goal of issue #6). The bundle is that session's run of
+# this recipe, stage by stage with these configs, data and seeds (this command itself was not
+# rerun to compare bits). The previous bundle (session 24's): this command at commit 07ca929.
 #
 # Work files go to workdirs/demo/. Interrupted? Run the same command again: each stage resumes
 # from its newest checkpoint. Rebuild from scratch: rm -rf workdirs/demo first.

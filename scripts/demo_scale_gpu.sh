@@ -18,7 +18,7 @@
 # Stage 2 runs at configs/demo_adapt.gin's peak rate (6e-4 since session 9) for s192 and d192,
 # at 3e-4 (the rate of every size before session 9) for the larger two: a binding, so it wins
 # over a --gin_file overlay in STAGE2_ARGS; a --gin_param there wins over it. Every size takes
-# the configs' step counts (1000 + 1000 since session 24; STAGE1_STEPS / STAGE2_STEPS below).
+# the configs' step counts (1500 + 1000 since session 28; STAGE1_STEPS / STAGE2_STEPS below).
 #
 # Writes OUT_DIR/scale_<size>.json (benchmarks/demo_speed_accuracy.py's report) and
 # OUT_DIR/scale_summary.jsonl (one line per size). Work files: $SCALE_WORK/<size>/ (default

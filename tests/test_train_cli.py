@@ -155,9 +155,9 @@ def _demo_config(*names):
 
 def test_demo_stage1_config_parses_with_the_bundles_steps():
   config = _demo_config("demo_ar.gin")
-  # The bundle since session 24: six layers of 192 at 1.5e-3, 1000 AR steps + 1000 stage-2 steps.
+  # The bundle since session 28: six layers of 192 at 1.5e-3, 1500 AR steps + 1000 stage-2 steps.
   assert config.objective == "autoregressive" and config.init == "scratch"
-  assert config.num_steps == 1000 and config.learning_rate == 1.5e-3
+  assert config.num_steps == 1500 and config.learning_rate == 1.5e-3
   assert (config.model["num_hidden_layers"], config.model["hidden_size"]) == (6, 192)
 
 
