@@ -175,6 +175,19 @@ def test_demo_stage2_and_the_paper_recipe_overlay_parse():
   assert paper.mask_ratio_range == (0.0, 1.0) and paper.complementary_masks
 
 
+def test_demo_quick_overlays_change_only_batch_steps_and_rate():
+  """QUICK=1 bash scripts/build_demo.sh: the 30-minute recipe of session 29."""
+  ar, quick_ar = _demo_config("demo_ar.gin"), _demo_config("demo_ar.gin", "demo_quick_ar.gin")
+  assert (quick_ar.global_batch_size, quick_ar.num_steps) == (16, 2000)
+  adapt = _demo_config("demo_adapt.gin")
+  quick_adapt = _demo_config("demo_adapt.gin", "demo_quick_adapt.gin")
+  assert (quick_adapt.num_steps, quick_adapt.learning_rate) == (360, 1.2e-3)
+  changed = {"global_batch_size", "num_steps", "learning_rate"}
+  for base, quick in ((ar, quick_ar), (adapt, quick_adapt)):
+    differ = {f for f in base.__dataclass_fields__ if getattr(base, f) != getattr(quick, f)}
+    assert differ <= changed, differ
+
+
 # ----------------------------------------------------------------------------- multi-process
 
 def _free_port():
