@@ -20,7 +20,8 @@ def _run(tmp_path, **env_extra):
   stub.write_text(f'#!/bin/bash\necho "$*" >> {calls}\n')
   stub.chmod(0o755)
   env = {k: v for k, v in os.environ.items()
-         if k not in ("QUICK", "WORK", "MODELS_OUT", "STAGE1_ARGS", "STAGE2_ARGS")}
+         if k not in ("QUICK", "WORK", "MODELS_OUT", "STAGE1_ARGS", "STAGE2_ARGS",
+                      "EXPORT_MAX_MIB")}
   env.update(PYTHON=str(stub), SKIP_CHECK="1", **env_extra)
   result = subprocess.run(["bash", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=60)
